@@ -1,0 +1,228 @@
+"""The `flexmoe` command: one subcommand per lifecycle step.
+
+    flexmoe prepare-data FILES... --out DIR [--tokenizer bytes|DIR]
+    flexmoe train [Hydra overrides: out_dir=... data.train.code.path=... stage=expert_anchor ...]
+    flexmoe router-embed --model DIR --data DIR --out FILE [--public] [--embedder PATH]
+    flexmoe branch PUBLIC OUT [--router-embedding FILE]
+    flexmoe package TRAINED OUT --owner NAME --domain NAME [--licence L]
+    flexmoe merge PUBLIC PACKAGE... --out DIR [--top-k K]
+    flexmoe eval MODEL --data DOMAIN=DIR ... [--opt-out NAME,...] [--soup]
+    flexmoe quickstart [out_dir=DIR] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def conf_dir() -> Path:
+    """The Hydra config tree: $FLEXMOE_CONF, else the repository's conf/ beside src/."""
+    env = os.environ.get("FLEXMOE_CONF")
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def cmd_train(argv: list[str]) -> int:
+    """`flexmoe train`: a Hydra app over RunConfig; `--dry-run` prints sizes and exits."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from flexmoe.config.store import register
+
+    register()
+    if "--dry-run" in argv:
+        argv = [a for a in argv if a != "--dry-run"] + ["dry_run=true"]
+    result: dict = {}
+
+    @hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)
+    def _main(cfg) -> None:
+        from flexmoe.train.trainer import train
+
+        if cfg.dry_run:
+            print(OmegaConf.to_yaml(cfg))
+        out = train(cfg)
+        result.update(out)
+        print(json.dumps({k: v for k, v in out.items() if k in (
+            "final", "val_loss", "tokens_seen", "params_total", "params_active", "params_trainable",
+            "flops_per_token", "memory_estimate_gib")}, indent=1))
+
+    sys.argv = ["flexmoe train"] + argv
+    _main()
+    return 0
+
+
+def cmd_prepare_data(argv: list[str]) -> int:
+    """`flexmoe prepare-data`: tokenize text/jsonl/csv files into .npy shards with a manifest."""
+    from flexmoe.data import load_tokenizer, prepare_data, train_bpe
+
+    p = argparse.ArgumentParser(prog="flexmoe prepare-data", description=cmd_prepare_data.__doc__)
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default="bytes", help="'bytes' or a Hugging Face tokenizer directory")
+    p.add_argument("--train-bpe", type=int, default=0, metavar="VOCAB",
+                   help="train a byte-level BPE of this size on the inputs and save it to --tokenizer")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    p.add_argument("--domain")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    if a.train_bpe:
+        texts = (Path(f).read_text(errors="replace") for f in a.inputs)
+        tok = train_bpe(texts, a.train_bpe, a.tokenizer)
+    else:
+        tok = load_tokenizer(a.tokenizer)
+    m = prepare_data(a.inputs, a.out, tok, dtype=a.dtype, domain=a.domain, text_field=a.text_field,
+                     overwrite=a.overwrite)
+    print(f"{a.out}: {m['num_tokens']:,} tokens in {len(m['shards'])} shard(s), dtype {m['dtype']}")
+    return 0
+
+
+def cmd_router_embed(argv: list[str]) -> int:
+    """`flexmoe router-embed`: router rows for one owner's data (or, with --public, the public row)."""
+    from flexmoe.flex.router_init import attach_public_embedding, compute_router_embedding
+
+    p = argparse.ArgumentParser(prog="flexmoe router-embed", description=cmd_router_embed.__doc__)
+    p.add_argument("--model", required=True, help="the public model directory")
+    p.add_argument("--data", required=True, help="a prepared data directory (the owner's own)")
+    p.add_argument("--out", help="output safetensors file (default: inside the model dir with --public)")
+    p.add_argument("--public", action="store_true", help="attach the result to the public model as its router row")
+    p.add_argument("--embedder", help="local sentence-transformers model directory (default: hidden states)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--num-windows", type=int, default=64)
+    a = p.parse_args(argv)
+    out = a.out or str(Path(a.model) / ".router_public.tmp.safetensors")
+    rows = compute_router_embedding(a.model, a.data, out, seq_len=a.seq_len, num_windows=a.num_windows,
+                                    embedder=a.embedder)
+    if a.public:
+        attach_public_embedding(a.model, out)
+        if not a.out:
+            Path(out).unlink()
+    print(f"router embedding {tuple(rows.shape)} -> {a.model if a.public else out}")
+    return 0
+
+
+def cmd_branch(argv: list[str]) -> int:
+    """`flexmoe branch`: dense public model -> the owner's 2-expert anchor model."""
+    from safetensors.torch import load_file
+
+    from flexmoe.flex.branch import branch
+
+    p = argparse.ArgumentParser(prog="flexmoe branch", description=cmd_branch.__doc__)
+    p.add_argument("public")
+    p.add_argument("out")
+    p.add_argument("--router-embedding", help="the owner's rows from `flexmoe router-embed`")
+    p.add_argument("--router-bias", action="store_true", help="add FlexOlmo's non-positive per-expert bias")
+    a = p.parse_args(argv)
+    rows = load_file(a.router_embedding)["router_embedding"] if a.router_embedding else None
+    print(branch(a.public, a.out, rows, router_bias=a.router_bias))
+    return 0
+
+
+def cmd_package(argv: list[str]) -> int:
+    """`flexmoe package`: cut the trained expert out as a data-free package."""
+    from flexmoe.flex.package import make_package
+
+    p = argparse.ArgumentParser(prog="flexmoe package", description=cmd_package.__doc__)
+    p.add_argument("trained")
+    p.add_argument("out")
+    p.add_argument("--owner", required=True)
+    p.add_argument("--domain", required=True)
+    p.add_argument("--licence", default="unspecified")
+    a = p.parse_args(argv)
+    print(make_package(a.trained, a.out, owner=a.owner, domain=a.domain, licence=a.licence))
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    """`flexmoe merge`: public model + expert packages -> one (N+1)-expert model."""
+    from flexmoe.flex.merge import merge
+
+    p = argparse.ArgumentParser(prog="flexmoe merge", description=cmd_merge.__doc__)
+    p.add_argument("public")
+    p.add_argument("packages", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--norm-topk-prob", action="store_true")
+    a = p.parse_args(argv)
+    merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob)
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """`flexmoe eval`: perplexity per domain, optionally with experts opted out and the soup baseline."""
+    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.data import TokenWindows
+    from flexmoe.eval.baselines import soup_model
+    from flexmoe.eval.perplexity import model_logprobs, perplexity
+    from flexmoe.flex.optout import expert_mask
+
+    p = argparse.ArgumentParser(prog="flexmoe eval", description=cmd_eval.__doc__)
+    p.add_argument("model")
+    p.add_argument("--data", action="append", required=True, metavar="DOMAIN=DIR")
+    p.add_argument("--opt-out", default="", help="comma-separated owners or domains to switch off")
+    p.add_argument("--soup", action="store_true", help="also evaluate the model soup of the experts")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--num-windows", type=int, default=64)
+    a = p.parse_args(argv)
+    model, cfg, meta = load_model(a.model)
+    model.eval()
+    data = {}
+    for item in a.data:
+        if "=" not in item:
+            p.error(f"--data {item!r}: expected DOMAIN=DIR")
+        d, path = item.split("=", 1)
+        data[d] = TokenWindows(path, a.seq_len)
+    mask = expert_mask(meta.get("experts") or [], a.opt_out.split(",")) if cfg.is_moe else None
+    rows = {"model": {d: perplexity(model_logprobs(model, mask), w, a.num_windows) for d, w in data.items()}}
+    if a.soup and cfg.is_moe:
+        s = soup_model(model)
+        rows["soup"] = {d: perplexity(model_logprobs(s), w, a.num_windows) for d, w in data.items()}
+    print(json.dumps({"perplexity": rows}, indent=1))
+    return 0
+
+
+def cmd_quickstart(argv: list[str]) -> int:
+    """`flexmoe quickstart`: the whole lifecycle on built-in text; writes report.md and report.json."""
+    from flexmoe.quickstart import QuickstartConfig, run_quickstart
+
+    cfg = QuickstartConfig.from_overrides(argv)
+    run_quickstart(cfg)
+    return 0
+
+
+COMMANDS = {
+    "prepare-data": cmd_prepare_data, "train": cmd_train, "router-embed": cmd_router_embed,
+    "branch": cmd_branch, "package": cmd_package, "merge": cmd_merge, "eval": cmd_eval,
+    "quickstart": cmd_quickstart,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: dispatch to a subcommand; user errors become one line on stderr and exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd = COMMANDS.get(argv[0])
+    if cmd is None:
+        print(f"flexmoe: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    from flexmoe.convert.safetensors_io import CheckpointError
+
+    try:
+        return cmd(argv[1:])
+    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+        if os.environ.get("FLEXMOE_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"flexmoe {argv[0]}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The model's shape and MoE settings: one dataclass, JSON- and Hydra-friendly."""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Shape of an OLMo-2 / FlexOlmo decoder.
+
+    `num_experts == 0` builds a dense SwiGLU FFN; `num_experts >= 1` builds the MoE FFN with
+    experts stacked `[E, ...]`.
+    """
+
+    vocab_size: int = 258
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: same as num_heads (no GQA)
+    head_dim: Optional[int] = None  # None: d_model // num_heads
+    d_ff: int = 512
+    max_seq_len: int = 4096
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # MoE
+    num_experts: int = 0
+    top_k: int = 2
+    norm_topk_prob: bool = False
+    router_bias: bool = False  # FlexOlmo's per-expert non-positive bias (held at 0 for expert 0)
+    lb_loss_weight: float = 0.0
+    z_loss_weight: float = 0.0
+    # Implementation choices ("auto" picks the fast path that is importable).
+    attn_impl: str = "auto"  # auto | sdpa | flash | eager
+    moe_impl: str = "auto"  # auto | grouped | loop
+    norm_impl: str = "auto"  # auto | torch | apex
+    pad_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def validate(self) -> None:
+        """Refuse impossible shapes with an error naming the setting."""
+        checks = [
+            (self.num_heads > 0, "model.num_heads must be positive"),
+            (self.head_dim is not None or self.d_model % self.num_heads == 0,
+             f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; set model.head_dim"),
+            (self.num_heads % self.kv_heads == 0,
+             f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}"),
+            (self.dim_head % 2 == 0, f"head dim {self.dim_head} must be even for RoPE"),
+            (self.num_experts >= 0, "model.num_experts must be >= 0"),
+            (self.num_experts == 0 or 1 <= self.top_k <= self.num_experts,
+             f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}"),
+            (self.attn_impl in ("auto", "sdpa", "flash", "eager"), f"model.attn_impl={self.attn_impl!r} is not auto|sdpa|flash|eager"),
+            (self.moe_impl in ("auto", "grouped", "loop"), f"model.moe_impl={self.moe_impl!r} is not auto|grouped|loop"),
+            (self.norm_impl in ("auto", "torch", "apex"), f"model.norm_impl={self.norm_impl!r} is not auto|torch|apex"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    # --- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        p = Path(path)
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{p}: not a valid flexmoe model config ({e})") from e

@@ -1,0 +1,1 @@
+"""Conversions between flexmoe's native layout and Hugging Face's."""

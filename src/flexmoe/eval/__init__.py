@@ -1,0 +1,1 @@
+"""Evaluation: perplexity per domain, merging baselines and routing statistics."""

@@ -1,0 +1,36 @@
+"""Merging baselines to beat: a model soup (experts' FFNs averaged into one dense model) and a
+BTM-style ensemble (each owner's own 2-expert model, output distributions averaged)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flexmoe.model import Transformer
+
+
+def soup_model(merged: Transformer) -> Transformer:
+    """Dense model whose FFN is the mean of all expert FFNs of `merged` (shared tensors kept)."""
+    cfg = merged.cfg.replace(num_experts=0, router_bias=False)
+    sd = {}
+    for k, v in merged.state_dict().items():
+        if ".ffn.router." in k:
+            continue
+        if ".ffn.experts." in k:
+            layer, name = k.split(".")[1], k.rsplit(".", 1)[1]
+            sd[f"layers.{layer}.ffn.{name}.weight"] = v.float().mean(0)
+        else:
+            sd[k] = v
+    model = Transformer(cfg)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def ensemble_logprobs(models: list[Transformer]):
+    """Uniform mixture of the models' next-token distributions (BTM's simplest ensemble)."""
+    def fn(tokens: torch.Tensor) -> torch.Tensor:
+        lps = torch.stack([F.log_softmax(m(tokens).logits.float(), dim=-1) for m in models])
+        return torch.logsumexp(lps, dim=0) - math.log(len(models))
+    return fn

@@ -1,0 +1,31 @@
+"""Perplexity per eval domain for any model (or ensemble) on prepared validation data."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LogProbFn = Callable[[torch.Tensor], torch.Tensor]  # tokens [B, S] -> log-probs [B, S, V]
+
+
+def model_logprobs(model, expert_mask: torch.Tensor | None = None) -> LogProbFn:
+    def fn(tokens: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(model(tokens, expert_mask).logits.float(), dim=-1)
+    return fn
+
+
+@torch.no_grad()
+def perplexity(logprob_fn: LogProbFn, windows, num_windows: int = 64, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over the first `num_windows` windows of a TokenWindows set."""
+    n = min(len(windows), num_windows)
+    nll, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = torch.from_numpy(np.stack([windows[i] for i in range(start, min(start + batch_size, n))]))
+        lp = logprob_fn(batch[:, :-1])
+        nll -= lp.gather(-1, batch[:, 1:, None]).sum().item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / max(count, 1))

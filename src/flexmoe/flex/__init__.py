@@ -1,0 +1,1 @@
+"""The FlexOlmo lifecycle on plain state dicts and safetensors files: no process groups here."""

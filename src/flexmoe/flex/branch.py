@@ -1,0 +1,68 @@
+"""Branch: dense public model -> 2-expert anchor MoE (expert 0 = public FFN, frozen; expert 1 = copy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flexmoe.config.model import ModelConfig
+from flexmoe.convert.safetensors_io import CheckpointError, load_model_dir, save_model_dir
+from flexmoe.flex.fingerprint import fingerprint
+
+
+def branch_state_dict(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], router_rows: torch.Tensor | None = None,
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Dense state dict -> 2-expert state dict.
+
+    `router_rows` `[L, 2, D]` (public row, owner row) initialise the routers; without them the
+    router is zero, i.e. both experts weigh 1/2, and the branched model computes the dense one.
+    """
+    if cfg.is_moe:
+        raise CheckpointError("branch needs a dense public model (model.num_experts=0)")
+    moe_cfg = cfg.replace(num_experts=2, top_k=2)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if ".ffn." not in k:
+            out[k] = v.clone()
+    for i in range(cfg.num_layers):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w = sd[f"layers.{i}.ffn.{name}.weight"]
+            out[f"layers.{i}.ffn.experts.{name}"] = torch.stack([w, w.clone()])
+        if router_rows is not None:
+            out[f"layers.{i}.ffn.router.weight"] = router_rows[i].float().clone()
+        else:
+            out[f"layers.{i}.ffn.router.weight"] = torch.zeros(2, cfg.d_model)
+        if moe_cfg.router_bias:
+            out[f"layers.{i}.ffn.router.bias"] = torch.zeros(2)
+    return moe_cfg, out
+
+
+def branch(public_dir: str | Path, out_dir: str | Path, owner_rows: torch.Tensor | None = None,
+           public_rows: torch.Tensor | None = None, *, router_bias: bool = False, overwrite: bool = False) -> Path:
+    """Write the owner's 2-expert anchor model from the public model directory.
+
+    `owner_rows`/`public_rows` `[L, D]`: router embeddings (see `flexmoe router-embed`); the public
+    rows default to the ones shipped with the public model.
+    """
+    cfg, sd, meta = load_model_dir(public_dir)
+    if public_rows is None and "router_public" in meta.get("router_embedding", {}):
+        public_rows = _load_rows(Path(public_dir) / meta["router_embedding"]["router_public"])
+    rows = None
+    if owner_rows is not None:
+        if public_rows is None:
+            raise CheckpointError(f"{public_dir}: has no public router embedding; run `flexmoe router-embed --public` first")
+        rows = torch.stack([public_rows, owner_rows], dim=1)
+    cfg = cfg.replace(router_bias=router_bias)
+    moe_cfg, out = branch_state_dict(cfg, sd, rows)
+    fp = meta.get("fingerprint") or fingerprint(sd)
+    new_meta = {"kind": "anchor", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"),
+                "experts": [{"slot": 0, "owner": "public", "domain": "public"}]}
+    return save_model_dir(out_dir, moe_cfg, out, new_meta, overwrite=overwrite)
+
+
+def _load_rows(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["router_embedding"]

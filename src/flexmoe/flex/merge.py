@@ -1,0 +1,96 @@
+"""Merge: the public model + any N expert packages -> one (N+1)-expert MoE.
+
+Everything is checked before anything is written: fingerprints, shapes, duplicate domains and
+every file's sha256. A refusal is one line naming the file at fault, and leaves no output.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexmoe.convert.safetensors_io import CheckpointError, load_model_dir, save_model_dir
+from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.flex.package import read_package
+
+
+def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
+          norm_topk_prob: bool = False, overwrite: bool = False) -> Path:
+    """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package."""
+    public_dir = Path(public_dir)
+    cfg, sd, meta = load_model_dir(public_dir)
+    if cfg.is_moe:
+        raise CheckpointError(f"{public_dir}: merge takes the dense public model, found num_experts={cfg.num_experts}")
+    fp = meta.get("fingerprint") or fingerprint(sd)
+    if fingerprint(sd) != fp:
+        raise CheckpointError(f"{public_dir}: tensors do not match the fingerprint in its flexmoe.json")
+    if not packages:
+        raise CheckpointError("merge needs at least one expert package")
+    loaded: list[tuple[Path, dict[str, Any], dict[str, torch.Tensor]]] = []
+    seen: dict[str, Path] = {}
+    for pkg in map(Path, packages):
+        manifest, tensors = read_package(pkg)
+        if manifest["base_fingerprint"] != fp:
+            raise CheckpointError(f"{pkg / 'manifest.json'}: base fingerprint {manifest['base_fingerprint'][:12]}... "
+                                  f"is not the public model's {fp[:12]}...; it was trained from another model")
+        if manifest["domain"] in seen:
+            raise CheckpointError(f"{pkg}: domain {manifest['domain']!r} is already given by {seen[manifest['domain']]}")
+        seen[manifest["domain"]] = pkg
+        _check_shapes(pkg, tensors, cfg)
+        loaded.append((pkg, manifest, tensors))
+
+    num_experts = len(loaded) + 1
+    k = top_k if top_k is not None else min(2, num_experts)
+    if not 1 <= k <= num_experts:
+        raise CheckpointError(f"top_k={k} must be between 1 and the number of experts ({num_experts})")
+    use_bias = any(m.get("router_bias") for _, m, _ in loaded)
+    public_rows = _public_rows(public_dir, meta, cfg)
+    out: dict[str, torch.Tensor] = {k_: v for k_, v in sd.items() if ".ffn." not in k_}
+    for i in range(cfg.num_layers):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"layers.{i}.ffn.experts.{name}"] = torch.stack(
+                [sd[f"layers.{i}.ffn.{name}.weight"]] + [t[f"layers.{i}.{name}"] for _, _, t in loaded])
+        out[f"layers.{i}.ffn.router.weight"] = torch.stack(
+            [public_rows[i]] + [t[f"layers.{i}.router"].float() for _, _, t in loaded])
+        if use_bias:
+            out[f"layers.{i}.ffn.router.bias"] = torch.cat(
+                [torch.zeros(1)] + [t.get(f"layers.{i}.bias", torch.zeros(1)).float() for _, _, t in loaded])
+    merged_cfg = cfg.replace(num_experts=num_experts, top_k=k, norm_topk_prob=norm_topk_prob, router_bias=use_bias)
+    experts = [{"slot": 0, "owner": "public", "domain": "public", "licence": meta.get("licence", "unspecified")}]
+    for j, (pkg, m, _) in enumerate(loaded, start=1):
+        experts.append({"slot": j, "owner": m["owner"], "domain": m["domain"], "licence": m.get("licence"),
+                        "package_sha256": m["files"]["expert.safetensors"], "tokens_seen": m.get("tokens_seen"),
+                        "dp": m.get("dp"), "source": str(pkg)})
+    new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts}
+    path = save_model_dir(out_dir, merged_cfg, out, new_meta, overwrite=overwrite)
+    print(f"[flexmoe] merged {len(loaded)} packages into {path} ({num_experts} experts, top_k={k})", file=sys.stderr)
+    return path
+
+
+def _check_shapes(pkg: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
+    want = {"gate_proj": (cfg.d_ff, cfg.d_model), "up_proj": (cfg.d_ff, cfg.d_model),
+            "down_proj": (cfg.d_model, cfg.d_ff), "router": (cfg.d_model,)}
+    for i in range(cfg.num_layers):
+        for name, shape in want.items():
+            t = tensors.get(f"layers.{i}.{name}")
+            if t is None:
+                raise CheckpointError(f"{pkg / 'expert.safetensors'}: missing tensor layers.{i}.{name}")
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"{pkg / 'expert.safetensors'}: layers.{i}.{name} has shape {tuple(t.shape)}, "
+                                      f"the public model needs {shape}")
+    extra = [k for k in tensors if int(k.split(".")[1]) >= cfg.num_layers]
+    if extra:
+        raise CheckpointError(f"{pkg / 'expert.safetensors'}: has tensors for layers the public model lacks ({extra[0]})")
+
+
+def _public_rows(public_dir: Path, meta: dict[str, Any], cfg) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    name = (meta.get("router_embedding") or {}).get("router_public")
+    if not name:
+        print(f"[flexmoe] warning: {public_dir} ships no public router row; using zeros", file=sys.stderr)
+        return torch.zeros(cfg.num_layers, cfg.d_model)
+    return load_file(str(public_dir / name))["router_embedding"].float()

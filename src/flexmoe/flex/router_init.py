@@ -1,0 +1,92 @@
+"""Router embeddings: one router row per MoE layer for an expert, computed from its owner's data alone.
+
+Default: the mean over the owner's tokens of the public model's hidden state at each FFN input
+(the router's own input space). Option: a sentence-transformers embedder given by local path,
+mean document embedding projected to d_model by a fixed, seeded random matrix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexmoe.convert.safetensors_io import CheckpointError, load_model, read_json, sha256_file, write_json
+
+
+@torch.no_grad()
+def hidden_state_embedding(model, windows, num_windows: int = 64, batch_size: int = 8) -> torch.Tensor:
+    """Mean FFN-input hidden state per layer over the first `num_windows` windows -> `[L, D]`."""
+    model.eval()
+    n = min(len(windows), num_windows)
+    if n == 0:
+        raise ValueError("router embedding needs at least one window of data")
+    sums, count = None, 0
+    for start in range(0, n, batch_size):
+        batch = torch.from_numpy(np.stack([windows[i] for i in range(start, min(start + batch_size, n))]))
+        hs = model(batch[:, :-1], capture_hidden=True, last_hidden_only=True).hidden_states
+        layer_sums = torch.stack([h.float().sum(dim=(0, 1)) for h in hs])
+        sums = layer_sums if sums is None else sums + layer_sums
+        count += batch[:, :-1].numel()
+    return sums / count
+
+
+def embedder_embedding(embedder_path: str | Path, texts: list[str], d_model: int, num_layers: int,
+                       seed: int = 0) -> torch.Tensor:
+    """Mean sentence-transformers embedding of `texts`, projected to d_model with a seeded Gaussian
+    matrix (the same seed for every owner, so rows stay comparable) -> `[L, D]`."""
+    try:
+        from sentence_transformers import SentenceTransformer  # type: ignore
+    except ImportError as e:
+        raise ValueError("router_embed.embedder needs sentence-transformers: pip install -e '.[embed]'") from e
+    path = Path(embedder_path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: embedder directory not found (give a local sentence-transformers model path)")
+    model = SentenceTransformer(str(path), device="cpu")
+    emb = torch.from_numpy(model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True))
+    mean = emb.float().mean(0)
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(mean.shape[0], d_model, generator=gen) / mean.shape[0] ** 0.5
+    return (mean @ proj).expand(num_layers, d_model).clone()
+
+
+def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_file: str | Path, *,
+                             seq_len: int = 256, num_windows: int = 64, embedder: str | None = None,
+                             seed: int = 0) -> torch.Tensor:
+    """Write `{"router_embedding": [L, D]}` safetensors for the data in `data_dir` under `model_dir`."""
+    from safetensors.torch import save_file
+
+    from flexmoe.data import TokenWindows, load_tokenizer
+
+    model, cfg, meta = load_model(model_dir)
+    windows = TokenWindows(data_dir, seq_len)
+    if embedder:
+        tok = load_tokenizer(windows.manifest["tokenizer"])
+        texts = [tok.decode(windows[i].tolist()) for i in range(min(len(windows), num_windows))]
+        rows = embedder_embedding(embedder, texts, cfg.d_model, cfg.num_layers, seed)
+    else:
+        rows = hidden_state_embedding(model, windows, num_windows)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    save_file({"router_embedding": rows.contiguous()}, str(tmp),
+              metadata={"method": "embedder" if embedder else "hidden_state", "data": str(data_dir)})
+    tmp.replace(out_file)
+    return rows
+
+
+def attach_public_embedding(public_dir: str | Path, rows_file: str | Path) -> None:
+    """Ship the public router row with the public model (copied in, listed in flexmoe.json)."""
+    import shutil
+
+    public_dir = Path(public_dir)
+    meta = read_json(public_dir / "flexmoe.json")
+    if meta.get("kind") != "public":
+        raise CheckpointError(f"{public_dir}: not a public (dense) model directory")
+    name = "router_public.safetensors"
+    shutil.copy2(rows_file, public_dir / (name + ".tmp"))
+    (public_dir / (name + ".tmp")).replace(public_dir / name)
+    meta["router_embedding"] = {"router_public": name}
+    meta.setdefault("files", {})[name] = sha256_file(public_dir / name)
+    write_json(public_dir / "flexmoe.json", meta)

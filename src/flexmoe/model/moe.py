@@ -1,0 +1,200 @@
+"""Mixture-of-experts FFN built from small pieces: a router, a dropless sort-based dispatch and
+stacked `[E, ...]` SwiGLU experts (grouped matmul on GPU, a loop elsewhere).
+
+Opt-out works by masking router logits to -inf *before* the softmax: the remaining experts'
+probabilities are then exactly those of a model merged without the masked expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexmoe.config.model import ModelConfig
+
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+FROZEN_SUFFIX = "_frozen"
+
+
+@dataclass
+class Routing:
+    """What one MoE layer decided for a batch: kept for attribution and routing statistics."""
+
+    probs_TE: torch.Tensor  # fp32 router probabilities after masking
+    top_idx_TK: torch.Tensor
+    top_w_TK: torch.Tensor
+
+
+class Router(nn.Module):
+    """Token-choice top-k router in fp32 with an optional non-positive per-expert bias."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, norm_topk_prob: bool, bias: bool):
+        super().__init__()
+        self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.bias is not None:
+            # FlexOlmo: biases only ever push an expert down, and the anchor (expert 0) keeps 0.
+            b = self.bias.float().clamp(max=0.0)
+            b = torch.cat([b.new_zeros(1), b[1:]])
+            logits_TE = logits_TE + b
+        return logits_TE
+
+    def forward(self, x_TD: torch.Tensor, expert_mask: torch.Tensor | None = None):
+        logits_TE = self.logits(x_TD)
+        if expert_mask is not None:
+            logits_TE = logits_TE.masked_fill(~expert_mask.to(logits_TE.device), float("-inf"))
+        probs_TE = logits_TE.softmax(dim=-1)
+        k = self.top_k
+        if expert_mask is not None:
+            # A masked model must compute what a model merged without those experts computes,
+            # whose top-k is capped at its expert count.
+            k = min(k, int(expert_mask.sum()))
+        top_w_TK, top_idx_TK = torch.topk(probs_TE, k, dim=-1)
+        if self.norm_topk_prob:
+            top_w_TK = top_w_TK / top_w_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, probs_TE, top_w_TK, top_idx_TK
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts stacked `[E, d_ff, d_model]` / `[E, d_model, d_ff]`.
+
+    `freeze_leading(n)` moves the first n experts into separate parameters with
+    requires_grad=False (`gate_proj_frozen`, ...), so frozen experts carry no gradient and no
+    optimizer state; `canonical_state_dict` stitches them back into `[E, ...]`.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, impl: str = "auto"):
+        super().__init__()
+        self.num_experts, self.impl = num_experts, impl
+        self.num_frozen = 0
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+
+    # --- frozen slots --------------------------------------------------------------------------
+    def freeze_leading(self, n: int) -> None:
+        """Freeze experts [0, n) (the anchor is expert 0); idempotent for the same n."""
+        self.unfreeze()
+        if not 0 <= n <= self.num_experts:
+            raise ValueError(f"cannot freeze {n} of {self.num_experts} experts")
+        if n == 0:
+            return
+        for name in EXPERT_WEIGHTS:
+            full = getattr(self, name).data
+            delattr(self, name)
+            self.register_parameter(name + FROZEN_SUFFIX, nn.Parameter(full[:n].clone(), requires_grad=False))
+            self.register_parameter(name, nn.Parameter(full[n:].clone(), requires_grad=True))
+        self.num_frozen = n
+
+    def unfreeze(self) -> None:
+        if self.num_frozen == 0:
+            return
+        for name in EXPERT_WEIGHTS:
+            full = torch.cat([getattr(self, name + FROZEN_SUFFIX).data, getattr(self, name).data])
+            delattr(self, name + FROZEN_SUFFIX)
+            delattr(self, name)
+            self.register_parameter(name, nn.Parameter(full))
+        self.num_frozen = 0
+
+    def stacked(self, name: str) -> torch.Tensor:
+        w = getattr(self, name)
+        if self.num_frozen:
+            w = torch.cat([getattr(self, name + FROZEN_SUFFIX), w])
+        return w
+
+    def slot(self, name: str, e: int) -> torch.Tensor:
+        if e < self.num_frozen:
+            return getattr(self, name + FROZEN_SUFFIX)[e]
+        return getattr(self, name)[e - self.num_frozen]
+
+    # --- compute -------------------------------------------------------------------------------
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.impl == "loop":
+            return False
+        ok = hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+        if self.impl == "grouped" and not ok:
+            raise ValueError("model.moe_impl=grouped needs CUDA, bf16 and torch.nn.functional.grouped_mm; use auto")
+        return ok
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """`x_ND` holds tokens sorted by expert; `counts_E[e]` of them belong to expert e."""
+        if self._use_grouped(x_ND):  # pragma: no cover - GPU only
+            offs = counts_E.cumsum(0).to(torch.int32)
+            g = F.grouped_mm(x_ND, self.stacked("gate_proj").transpose(-2, -1), offs=offs)
+            u = F.grouped_mm(x_ND, self.stacked("up_proj").transpose(-2, -1), offs=offs)
+            return F.grouped_mm(F.silu(g) * u, self.stacked("down_proj").transpose(-2, -1), offs=offs)
+        outs = []
+        for e, x_e in enumerate(torch.split(x_ND, counts_E.tolist())):
+            if x_e.shape[0] == 0:
+                continue
+            h = F.silu(F.linear(x_e, self.slot("gate_proj", e))) * F.linear(x_e, self.slot("up_proj", e))
+            outs.append(F.linear(h, self.slot("down_proj", e)))
+        if not outs:
+            return x_ND.new_zeros(x_ND.shape)
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """Router + dropless dispatch + experts; records its routing and auxiliary losses."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.lb_loss_weight, self.z_loss_weight = cfg.lb_loss_weight, cfg.z_loss_weight
+        self.router = Router(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob, cfg.router_bias)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.moe_impl)
+        self.record_routing = False
+        self.last_routing: Routing | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, x_BSD: torch.Tensor, expert_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+        logits_TE, probs_TE, top_w_TK, top_idx_TK = self.router(x_TD, expert_mask)
+        T, K = top_idx_TK.shape
+
+        # Sort token copies by expert so every expert sees one contiguous block (dropless).
+        flat_idx = top_idx_TK.reshape(-1)
+        order = torch.argsort(flat_idx, stable=True)
+        token_of = order // K
+        counts_E = torch.bincount(flat_idx, minlength=self.num_experts)
+        y_ND = self.experts(x_TD[token_of], counts_E)
+        y_ND = y_ND * top_w_TK.reshape(-1)[order, None].to(y_ND.dtype)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_of, y_ND.to(x_TD.dtype))
+
+        if self.record_routing:
+            self.last_routing = Routing(probs_TE.detach(), top_idx_TK.detach(), top_w_TK.detach())
+        if self.training and (self.lb_loss_weight > 0 or self.z_loss_weight > 0):
+            self.last_aux_loss = self._aux_loss(logits_TE, probs_TE, counts_E, T * K)
+        else:
+            self.last_aux_loss = None
+        return out_TD.view(B, S, D)
+
+    def _aux_loss(self, logits_TE, probs_TE, counts_E, num_assignments) -> torch.Tensor:
+        loss = logits_TE.new_zeros(())
+        if self.lb_loss_weight > 0:
+            # Switch-style balance: E * sum_e (share of assignments to e) * (mean prob of e).
+            frac_E = counts_E.float() / max(num_assignments, 1)
+            loss = loss + self.lb_loss_weight * self.num_experts * (frac_E * probs_TE.mean(0)).sum()
+        if self.z_loss_weight > 0:
+            finite = logits_TE.masked_fill(torch.isinf(logits_TE), -1e4)
+            loss = loss + self.z_loss_weight * torch.logsumexp(finite, dim=-1).pow(2).mean()
+        return loss
+
+
+def canonical_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stitch split frozen expert slots back into `[E, ...]` tensors (the on-disk layout)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if key.endswith(FROZEN_SUFFIX):
+            continue
+        frozen = sd.get(key + FROZEN_SUFFIX)
+        out[key] = torch.cat([frozen, t]) if frozen is not None else t
+    return out

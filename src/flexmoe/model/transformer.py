@@ -1,0 +1,109 @@
+"""The OLMo-2 / FlexOlmo decoder: post-norm blocks, untied LM head, dense or MoE FFN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flexmoe.config.model import ModelConfig
+from flexmoe.model.attention import Attention
+from flexmoe.model.ffn import DenseFFN
+from flexmoe.model.moe import MoE, Routing
+from flexmoe.model.norm import RMSNorm
+from flexmoe.model.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+    routing: list[Routing] = field(default_factory=list)
+    hidden_states: list[torch.Tensor] = field(default_factory=list)  # input of each block's FFN
+
+
+class Block(nn.Module):
+    """`h = x + norm(attn(x))`, `out = h + norm(ffn(h))` (OLMo-2's reordered norm)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_impl)
+        self.ffn = MoE(cfg) if cfg.is_moe else DenseFFN(cfg.d_model, cfg.d_ff)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_impl)
+
+    def forward(self, x, cos, sin, expert_mask=None, capture=None):
+        h = x + self.attn_norm(self.attn(x, cos, sin))
+        if capture is not None:
+            capture.append(h)
+        ffn_out = self.ffn(h, expert_mask) if isinstance(self.ffn, MoE) else self.ffn(h)
+        return h + self.ffn_norm(ffn_out)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_impl)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.dim_head, cfg.rope_theta)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("router.bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    # --- MoE helpers -----------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def set_record_routing(self, on: bool) -> None:
+        for m in self.moe_layers():
+            m.record_routing = on
+            m.last_routing = None
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        expert_mask: torch.Tensor | None = None,
+        *,
+        capture_hidden: bool = False,
+        last_hidden_only: bool = False,
+    ) -> ModelOutput:
+        """Logits `[B, S, V]` in the activation dtype.
+
+        `expert_mask` (bool `[E]`, False = switched off) masks router logits to -inf: the opt-out.
+        `capture_hidden` records each block's FFN input (the router's input) for router embeddings.
+        `last_hidden_only` skips the LM head and returns the final normed hidden state as logits.
+        """
+        B, S = tokens_BS.shape
+        x = self.embed(tokens_BS)
+        cos, sin = self.rope(S, x.device)
+        captured: list[torch.Tensor] | None = [] if capture_hidden else None
+        for block in self.layers:
+            x = block(x, cos, sin, expert_mask, captured)
+        x = self.norm(x)
+        logits = x if last_hidden_only else self.lm_head(x)
+        aux = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]
+        return ModelOutput(
+            logits=logits,
+            aux_loss=torch.stack(aux).sum() if aux else None,
+            routing=[m.last_routing for m in self.moe_layers() if m.last_routing is not None],
+            hidden_states=captured or [],
+        )
+
+    # --- parameter accounting -------------------------------------------------------------------
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,1 @@
+"""Training: optimizer, schedule, checkpoints, metrics and the loop."""

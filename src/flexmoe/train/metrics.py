@@ -1,0 +1,81 @@
+"""Throughput, MFU and logging (console, a JSONL file, wandb when enabled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak FLOP/s of known accelerators (no sparsity).
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+    "L40S": 362e12, "A10": 125e12, "V100": 125e12, "B200": 2250e12, "GH200": 989e12,
+}
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Peak FLOP/s: a table for GPUs; on CPU a matmul measured once and cached per machine."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peak
+        return 100e12
+    cache = Path(os.environ.get("FLEXMOE_CACHE", Path.home() / ".cache" / "flexmoe")) / "cpu_peak.json"
+    key = f"{torch.get_num_threads()}-{dtype}-{torch.__version__}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key not in known:
+        n = 1024
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        known[key] = 2 * n**3 / best
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known))
+        except OSError:
+            pass
+    return known[key]
+
+
+class MetricLogger:
+    """Rank 0 prints one line per log step and appends JSON records to `metrics.jsonl`."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, wandb_cfg: Any = None, run_config: Any = None):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = None
+        if enabled and wandb_cfg is not None and wandb_cfg.enabled:
+            try:
+                import wandb  # type: ignore
+            except ImportError as e:
+                raise ValueError("wandb.enabled=true but wandb is not installed: pip install -e '.[wandb]'") from e
+            os.environ.setdefault("WANDB_MODE", wandb_cfg.mode)
+            self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, dir=str(out_dir),
+                                    config=run_config, mode=wandb_cfg.mode)
+
+    def log(self, record: dict[str, Any], console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            print(console, file=sys.stderr, flush=True)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,225 @@
+"""The training loop shared by every stage: public pretraining, expert training, router tuning."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flexmoe.config.model import ModelConfig
+from flexmoe.config.train import RunConfig
+from flexmoe.convert.safetensors_io import load_model, save_model_dir
+from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.flex.freeze import PLANS, apply_freeze_plan
+from flexmoe.model import Transformer
+from flexmoe.model.flops import flops_per_token, param_counts
+from flexmoe.model.moe import canonical_state_dict
+from flexmoe.train import checkpoint as ckpt
+from flexmoe.train.metrics import MetricLogger, device_peak_flops
+from flexmoe.train.optim import build_optimizer, lr_at
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_model(cfg: RunConfig) -> tuple[Transformer, ModelConfig, dict[str, Any]]:
+    """Model from `init_from` (a native model dir) or fresh from `cfg.model`, with the stage's freeze plan."""
+    if cfg.init_from:
+        model, mcfg, meta = load_model(cfg.init_from)
+    else:
+        mcfg = ModelConfig.from_dict(dict(cfg.model))
+        torch.manual_seed(cfg.trainer.seed)
+        model, meta = Transformer(mcfg), {}
+        model.reset_parameters(seed=cfg.trainer.seed)
+    if cfg.stage.freeze not in PLANS:
+        raise ValueError(f"stage.freeze={cfg.stage.freeze!r} is not one of {sorted(PLANS)}")
+    apply_freeze_plan(model, PLANS[cfg.stage.freeze])
+    return model, mcfg, meta
+
+
+def build_train_source(cfg: RunConfig):
+    """The training mixture: data.train's domains, with `stage.public_mix` of each batch from `public`."""
+    from flexmoe.data import Mixture, TokenWindows
+
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: give at least one domain, e.g. data.train.code.path=DIR")
+    weights = {name: float(src.weight) for name, src in cfg.data.train.items()}
+    mix = cfg.stage.public_mix
+    if mix > 0:
+        if "public" not in weights:
+            raise ValueError("stage.public_mix > 0 needs a data.train.public source")
+        own = {k: w for k, w in weights.items() if k != "public"}
+        total = sum(own.values()) or 1.0
+        weights = {k: (1 - mix) * w / total for k, w in own.items()} | {"public": mix}
+    parts = {name: (TokenWindows(cfg.data.train[name].path, cfg.data.seq_len, verify=cfg.data.verify), w)
+             for name, w in weights.items() if w > 0}
+    if len(parts) == 1:
+        return next(iter(parts.values()))[0]
+    return Mixture(parts)
+
+
+@torch.no_grad()
+def evaluate_loss(model: Transformer, windows, num_batches: int, batch_size: int,
+                  expert_mask: torch.Tensor | None = None, device: torch.device | None = None) -> float:
+    """Mean next-token loss over the first `num_batches * batch_size` windows (deterministic)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = min(len(windows), num_batches * batch_size)
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = torch.from_numpy(np.stack([windows[i] for i in range(start, min(start + batch_size, n))])).to(device)
+        logits = model(batch[:, :-1], expert_mask).logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total, count = total + loss.item(), count + batch[:, 1:].numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def describe(cfg: RunConfig, model: Transformer, mcfg: ModelConfig) -> dict[str, Any]:
+    """Parameter counts, FLOPs per token and a memory estimate (what a dry run prints)."""
+    pc = param_counts(mcfg)
+    trainable = model.num_params(trainable_only=True)
+    shared_frozen = cfg.stage.freeze != "none"
+    frac = None
+    if mcfg.is_moe and shared_frozen:
+        frozen = PLANS[cfg.stage.freeze].frozen_experts
+        frac = max(mcfg.num_experts - frozen, 0) / mcfg.num_experts if mcfg.num_experts else 0.0
+    fpt = flops_per_token(mcfg, cfg.data.seq_len, training=True, trainable_expert_fraction=frac,
+                          shared_trainable=not shared_frozen)
+    bytes_per = 2 if cfg.trainer.dtype == "bf16" else 4
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    act = tokens * mcfg.num_layers * mcfg.d_model * 34 * bytes_per  # rough per-layer activation footprint
+    mem = pc.total * 4 + trainable * 4 * 3 + act + tokens * mcfg.vocab_size * 4 * 2
+    return {"params_total": pc.total, "params_active": pc.active, "params_trainable": trainable,
+            "flops_per_token": fpt, "memory_estimate_gib": mem / 2**30}
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run one training stage to `trainer.steps`, resuming from `out_dir` when it holds a checkpoint."""
+    from flexmoe.data import BatchLoader, TokenWindows
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = _device()
+    model, mcfg, base_meta = build_model(cfg)
+    info = describe(cfg, model, mcfg)
+    if cfg.dry_run:
+        return info
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    source = build_train_source(cfg)
+    loader = BatchLoader(source, cfg.data.batch_size, seed=cfg.trainer.seed)
+    val = {d: TokenWindows(p, cfg.data.seq_len, verify=cfg.data.verify) for d, p in cfg.data.val.items()}
+    logger = MetricLogger(out, wandb_cfg=cfg.wandb, run_config=_plain(cfg))
+
+    start, tokens_seen = 0, 0
+    ckpt_root = out / "checkpoints"
+    done = ckpt.complete_checkpoints(ckpt_root)
+    if cfg.trainer.resume and done:
+        state = ckpt.load_checkpoint(done[-1], model, optimizer)
+        loader.load_state_dict(state["loader"])
+        start, tokens_seen = state["step"], state["tokens_seen"]
+        print(f"[flexmoe] resumed from {done[-1]} at step {start}", file=sys.stderr, flush=True)
+
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.dtype == "bf16"
+                else contextlib.nullcontext())
+    peak = device_peak_flops(device, torch.bfloat16 if cfg.trainer.dtype == "bf16" else torch.float32)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum
+    t_last, steps_since, losses = time.perf_counter(), 0, []
+    history: list[dict[str, Any]] = []
+    for step in range(start, cfg.trainer.steps):
+        lr = lr_at(step, cfg.trainer.steps, cfg.optim)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        step_loss = 0.0
+        for _ in range(cfg.trainer.grad_accum):
+            batch = next(loader).to(device)
+            with autocast:
+                o = model(batch[:, :-1])
+                loss = F.cross_entropy(o.logits.float().reshape(-1, o.logits.shape[-1]), batch[:, 1:].reshape(-1))
+                total = loss + o.aux_loss if o.aux_loss is not None else loss
+            (total / cfg.trainer.grad_accum).backward()
+            step_loss += loss.item() / cfg.trainer.grad_accum
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr or check the data")
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        losses.append(step_loss)
+        steps_since += 1
+        s = step + 1
+        if s % cfg.trainer.log_every == 0 or s == cfg.trainer.steps:
+            dt = time.perf_counter() - t_last
+            tps = steps_since * tokens_per_step / dt
+            mfu = tps * info["flops_per_token"] / peak
+            rec = {"step": s, "loss": sum(losses) / len(losses), "lr": lr, "tokens_per_s": tps, "mfu": mfu,
+                   "grad_norm": float(gnorm) if gnorm is not None else None, "tokens_seen": tokens_seen}
+            logger.log(rec, f"step {s:>6}/{cfg.trainer.steps}  loss {rec['loss']:.4f}  lr {lr:.2e}  "
+                            f"tok/s {tps:,.0f}  mfu {mfu:.1%}")
+            t_last, steps_since, losses = time.perf_counter(), 0, []
+        if cfg.trainer.eval_every and s % cfg.trainer.eval_every == 0 and s < cfg.trainer.steps and val:
+            history.append(_validate(model, val, cfg, s, logger))
+        if cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < cfg.trainer.steps:
+            ckpt.save_checkpoint(ckpt_root, s, model, optimizer,
+                                 {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},
+                                 keep_last=cfg.trainer.keep_last)
+    final_val = _validate(model, val, cfg, cfg.trainer.steps, logger) if val else {}
+    ckpt.save_checkpoint(ckpt_root, cfg.trainer.steps, model, optimizer,
+                         {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},
+                         keep_last=cfg.trainer.keep_last)
+    result = _write_final(cfg, model, mcfg, base_meta, tokens_seen, final_val)
+    logger.close()
+    return result
+
+
+def _validate(model, val, cfg, step, logger) -> dict[str, float]:
+    losses = {d: evaluate_loss(model, w, cfg.trainer.eval_batches, cfg.data.batch_size) for d, w in val.items()}
+    logger.log({"step": step, "val_loss": losses},
+               f"step {step:>6} val " + "  ".join(f"{d} {v:.4f}" for d, v in losses.items()))
+    return losses
+
+
+def _write_final(cfg, model, mcfg, base_meta, tokens_seen, val_loss) -> dict[str, Any]:
+    sd = canonical_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    fp = fingerprint(sd)
+    base_fp = base_meta.get("base_fingerprint") or base_meta.get("fingerprint")
+    meta = {
+        "kind": "public" if not mcfg.is_moe else base_meta.get("kind", "moe"),
+        "stage": cfg.stage.name, "owner": cfg.meta.owner, "domain": cfg.meta.domain, "licence": cfg.meta.licence,
+        "tokens_seen": tokens_seen + int(base_meta.get("tokens_seen", 0)) if not mcfg.is_moe else tokens_seen,
+        "tokenizer": base_meta.get("tokenizer") or cfg.tokenizer, "val_loss": val_loss,
+        "experts": base_meta.get("experts"), "router_embedding": base_meta.get("router_embedding"),
+    }
+    if mcfg.is_moe and base_fp:
+        meta["base_fingerprint"] = base_fp
+        # The anchor recipe promises the shared tensors never moved: check, don't assume.
+        meta["shared_unchanged"] = fp == base_fp
+    else:
+        meta["fingerprint"] = fp
+    final = save_model_dir(Path(cfg.out_dir) / "final", mcfg, sd, meta, overwrite=True)
+    return {"final": str(final), "val_loss": val_loss, "tokens_seen": tokens_seen, **meta}
+
+
+def _plain(cfg: RunConfig) -> dict[str, Any]:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[arg-type]
+    except Exception:
+        import dataclasses
+
+        return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

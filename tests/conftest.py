@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+# Tests must be deterministic and not fight over the 2 cores with the ranks they spawn.
+torch.set_num_threads(int(os.environ.get("FLEXMOE_TEST_THREADS", "2")))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped elsewhere)")
+    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
