@@ -8,14 +8,9 @@ from flexmoe.config.model import ModelConfig
 
 
 @dataclass
-class DataSource:
-    path: str = "???"  # a directory written by `flexmoe prepare-data`
-    weight: float = 1.0
-
-
-@dataclass
 class DataConfig:
-    train: Dict[str, DataSource] = field(default_factory=dict)  # domain name -> source
+    train: Dict[str, str] = field(default_factory=dict)  # domain -> directory from `flexmoe prepare-data`
+    weights: Dict[str, float] = field(default_factory=dict)  # domain -> mixture weight (default 1)
     val: Dict[str, str] = field(default_factory=dict)  # domain name -> prepared directory
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch per rank

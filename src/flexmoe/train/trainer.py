@@ -36,7 +36,7 @@ def build_model(cfg: RunConfig) -> tuple[Transformer, ModelConfig, dict[str, Any
     if cfg.init_from:
         model, mcfg, meta = load_model(cfg.init_from)
     else:
-        mcfg = ModelConfig.from_dict(dict(cfg.model))
+        mcfg = ModelConfig.from_dict(_plain(cfg)["model"])
         torch.manual_seed(cfg.trainer.seed)
         model, meta = Transformer(mcfg), {}
         model.reset_parameters(seed=cfg.trainer.seed)
@@ -51,16 +51,19 @@ def build_train_source(cfg: RunConfig):
     from flexmoe.data import Mixture, TokenWindows
 
     if not cfg.data.train:
-        raise ValueError("data.train is empty: give at least one domain, e.g. data.train.code.path=DIR")
-    weights = {name: float(src.weight) for name, src in cfg.data.train.items()}
+        raise ValueError("data.train is empty: give at least one domain, e.g. +data.train.code=DIR")
+    unknown = sorted(set(cfg.data.weights) - set(cfg.data.train))
+    if unknown:
+        raise ValueError(f"data.weights names {unknown}, which are not in data.train ({sorted(cfg.data.train)})")
+    weights = {name: float(cfg.data.weights.get(name, 1.0)) for name in cfg.data.train}
     mix = cfg.stage.public_mix
     if mix > 0:
         if "public" not in weights:
-            raise ValueError("stage.public_mix > 0 needs a data.train.public source")
+            raise ValueError("stage.public_mix > 0 needs a data.train.public source (+data.train.public=DIR)")
         own = {k: w for k, w in weights.items() if k != "public"}
         total = sum(own.values()) or 1.0
         weights = {k: (1 - mix) * w / total for k, w in own.items()} | {"public": mix}
-    parts = {name: (TokenWindows(cfg.data.train[name].path, cfg.data.seq_len, verify=cfg.data.verify), w)
+    parts = {name: (TokenWindows(cfg.data.train[name], cfg.data.seq_len, verify=cfg.data.verify), w)
              for name, w in weights.items() if w > 0}
     if len(parts) == 1:
         return next(iter(parts.values()))[0]

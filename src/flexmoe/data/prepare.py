@@ -1,0 +1,218 @@
+"""`prepare_data`: tokenize text files into `.npy` token shards plus a checked manifest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flexmoe.data.documents import expand_inputs, iter_documents
+from flexmoe.data.errors import DataError
+from flexmoe.data.files import atomic_write_json, sha256_file
+from flexmoe.data.manifest import FORMAT, MANIFEST_NAME, load_manifest
+from flexmoe.data.tokenize import load_tokenizer
+
+__all__ = ["prepare_data", "load_manifest", "choose_dtype"]
+
+# Documents are tokenized in groups so fast tokenizers can batch (and parallelise) the work.
+_BATCH_DOCS = 256
+_BATCH_CHARS = 1 << 20
+
+
+def choose_dtype(dtype: str, vocab_size: int) -> np.dtype:
+    """The shard dtype: "auto" gives uint16 when every id fits (vocab_size <= 65535), else uint32."""
+    if dtype == "auto":
+        return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+    if dtype == "uint16":
+        if vocab_size > 65535:
+            raise DataError(f"dtype=uint16 cannot hold a vocabulary of {vocab_size}; use dtype=uint32 or auto")
+        return np.dtype(np.uint16)
+    if dtype == "uint32":
+        return np.dtype(np.uint32)
+    raise DataError(f"dtype={dtype!r} is not one of auto, uint16, uint32; pick one of those")
+
+
+class _ShardWriter:
+    """Cuts a token stream into shards of exactly `shard_tokens` tokens (the last may be short)."""
+
+    def __init__(self, out_dir: Path, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.dtype, self.shard_tokens = out_dir, dtype, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.num_pending = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens.astype(self.dtype, copy=False))
+        self.num_pending += len(tokens)
+        if self.num_pending >= self.shard_tokens:
+            stream = np.concatenate(self.pending)
+            full = len(stream) - len(stream) % self.shard_tokens
+            for start in range(0, full, self.shard_tokens):
+                self._write(stream[start : start + self.shard_tokens])
+            rest = stream[full:]
+            self.pending, self.num_pending = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.num_pending:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.num_pending = [], 0
+        return self.shards
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = f"shard-{len(self.shards):05d}.npy"
+        path = self.out_dir / name
+        np.save(path, np.ascontiguousarray(tokens))
+        self.shards.append({"path": name, "num_tokens": int(len(tokens)), "sha256": sha256_file(path)})
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: output path is a file; choose a directory path for the prepared data")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"{out_dir}: output directory is not empty; pass overwrite=True or choose another directory")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    # Rename, not copy: readers see either the old complete directory or the new one.
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, trash / "old")
+    os.replace(tmp, out_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _batches(docs, max_docs: int, max_chars: int):
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class _Progress:
+    """One stderr line, rewritten in place at most twice a second."""
+
+    def __init__(self, enabled: bool, num_files: int):
+        self.enabled, self.num_files, self.last = enabled, num_files, 0.0
+
+    def show(self, files_done: int, num_tokens: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.enabled and (final or now - self.last >= 0.5):
+            self.last = now
+            line = f"\rprepare-data: {files_done}/{self.num_files} files, {num_tokens:,} tokens"
+            print(line, end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+def _tokenize_files(
+    files: list[Path], tokenizer: Any, writer: _ShardWriter, tail: list[int], progress: _Progress, **doc_kw: Any
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """Stream every document of `files` through the tokenizer into `writer`."""
+    encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda texts: [tokenizer.encode(t) for t in texts])
+    vocab_size = int(tokenizer.vocab_size)
+    num_tokens = num_documents = 0
+    sources = []
+    for done, path in enumerate(files):
+        for batch in _batches(iter_documents(path, **doc_kw), _BATCH_DOCS, _BATCH_CHARS):
+            ids: list[int] = []
+            for doc_ids in encode_batch(batch):
+                ids.extend(doc_ids)
+                ids.extend(tail)
+            tokens = np.asarray(ids, dtype=np.int64)
+            bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+            if bad.size:
+                raise DataError(f"{path}: tokenizer {tokenizer!r} produced id {int(bad[0])} outside vocab_size {vocab_size}; fix the tokenizer")
+            writer.add(tokens)
+            num_tokens += int(tokens.size)
+            num_documents += len(batch)
+            progress.show(done, num_tokens)
+        sources.append({"path": str(path.resolve()), "sha256": sha256_file(path), "bytes": path.stat().st_size})
+        progress.show(done + 1, num_tokens, final=done + 1 == len(files))
+    return num_tokens, num_documents, sources
+
+
+def prepare_data(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    tokenizer: Any,
+    *,
+    dtype: str = "auto",
+    shard_tokens: int = 1 << 24,
+    text_field: str = "text",
+    csv_fields: list[str] | None = None,
+    csv_newline_escape: str | None = "\\n",
+    append_eos: bool = True,
+    domain: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Tokenize `inputs` into `out_dir/shard-NNNNN.npy` shards and `out_dir/manifest.json`.
+
+    Documents (see `iter_documents`) are concatenated in input order, each followed by eos
+    when `append_eos`. In csv cells each `csv_newline_escape` becomes a line break (AG News as
+    shipped marks breaks with a lone backslash: pass "\\" for it). Everything is built in a
+    temp directory beside `out_dir` and renamed into place, so `out_dir` never holds a
+    half-written dataset. `tokenizer` is a tokenizer object or anything `load_tokenizer`
+    accepts. Returns the manifest.
+    """
+    if isinstance(tokenizer, (str, Path, dict)):
+        tokenizer = load_tokenizer(tokenizer)
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens={shard_tokens} must be >= 1; use a positive shard size")
+    np_dtype = choose_dtype(dtype, int(tokenizer.vocab_size))
+    eos_id = getattr(tokenizer, "eos_id", None)
+    if append_eos and eos_id is None:
+        raise DataError(f"tokenizer {tokenizer!r} has no eos token; pass append_eos=False or use a tokenizer with one")
+    files = expand_inputs(inputs)
+    out_dir = Path(out_dir).expanduser()
+    _check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        writer = _ShardWriter(tmp, np_dtype, shard_tokens)
+        num_tokens, num_documents, sources = _tokenize_files(
+            files,
+            tokenizer,
+            writer,
+            [eos_id] if append_eos else [],
+            _Progress(progress, len(files)),
+            text_field=text_field,
+            csv_fields=csv_fields,
+            csv_newline_escape=csv_newline_escape,
+        )
+        if num_documents == 0:
+            raise DataError(
+                f"inputs ({len(files)} files, first {files[0]}) hold no non-empty documents; check the files or text_field/csv_fields"
+            )
+        manifest = {
+            "format": FORMAT,
+            "domain": domain,
+            "tokenizer": tokenizer.spec(),
+            "dtype": np_dtype.name,
+            "num_tokens": num_tokens,
+            "num_documents": num_documents,
+            "append_eos": append_eos,
+            "shards": writer.close(),
+            "sources": sources,
+        }
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        _check_out_dir(out_dir, overwrite)  # someone may have written there while we worked
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,163 @@
+"""`flexmoe quickstart`: the whole FlexOlmo lifecycle on one machine, on text every machine has.
+
+public model -> (per owner, in its own process, seeing only its own domain + public text)
+router embedding -> branch -> expert training -> package -> merge -> evaluation -> report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class QuickstartConfig:
+    out_dir: str = "quickstart-out"
+    domains: list[str] = field(default_factory=lambda: ["code", "legal", "math"])
+    max_bytes_per_domain: int = 1_200_000
+    seq_len: int = 256
+    batch_size: int = 16
+    public_steps: int = 800
+    public_lr: float = 3e-3
+    expert_steps: int = 300
+    expert_lr: float = 2e-3
+    public_mix: float = 0.25
+    top_k: int = 2
+    eval_windows: int = 48
+    jobs: int = 0  # parallel owner processes; 0: one per CPU core
+    seed: int = 0
+
+    @classmethod
+    def from_overrides(cls, argv: list[str]) -> "QuickstartConfig":
+        """Parse `key=value` overrides (the same style as `flexmoe train`)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kw: dict[str, Any] = {}
+        for item in argv:
+            key, sep, value = item.partition("=")
+            if not sep or key not in fields:
+                raise ValueError(f"quickstart: unknown setting {item!r}; known: {', '.join(fields)}")
+            default = getattr(cls(), key)
+            try:
+                kw[key] = ([v for v in value.split(",") if v] if isinstance(default, list)
+                           else type(default)(value) if not isinstance(default, bool) else value.lower() == "true")
+            except ValueError as e:
+                raise ValueError(f"quickstart: {key}={value!r} is not a valid {type(default).__name__}") from e
+        return cls(**kw)
+
+
+def _run(cmd: list[str], log: Path, threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode != 0:
+        tail = log.read_text().splitlines()[-5:]
+        raise RuntimeError(f"step failed ({' '.join(cmd[:3])} ...); see {log}:\n" + "\n".join(tail))
+
+
+def _say(msg: str, t0: float) -> None:
+    print(f"[quickstart {time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Run every lifecycle step and write report.md, report.json and routing_heatmap.png."""
+    from flexmoe.data import ByteTokenizer, build_builtin_corpora, prepare_data
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    flexmoe = [sys.executable, "-m", "flexmoe.cli"]
+    cores = os.cpu_count() or 1
+    jobs = cfg.jobs or min(cores, len(cfg.domains))
+    threads_each = max(1, cores // jobs)
+
+    # 1. Corpora and token shards (bytes as tokens: no tokenizer to train or download).
+    _say("building corpora from this machine's own text (stdlib, licences, pydoc topics, arithmetic)", t0)
+    corpora = build_builtin_corpora(out / "corpora", max_bytes_per_domain=cfg.max_bytes_per_domain, seed=cfg.seed)
+    tok = ByteTokenizer()
+    data: dict[str, dict[str, Path]] = {}
+    for domain in ["public", *cfg.domains]:
+        if domain not in corpora:
+            raise ValueError(f"quickstart: domain {domain!r} is not built in; choose from {sorted(corpora)}")
+        for split in ("train", "val"):
+            d = out / "data" / domain / split
+            if not (d / "manifest.json").exists():
+                prepare_data(corpora[domain][split], d, tok, domain=domain, progress=False)
+            data.setdefault(domain, {})[split] = d
+    _say("token shards ready: " + ", ".join(f"{d}" for d in data), t0)
+
+    # 2. The public model, pretrained on public text only.
+    public_run = out / "public"
+    common = [f"data.seq_len={cfg.seq_len}", f"data.batch_size={cfg.batch_size}", "tokenizer=bytes",
+              f"trainer.seed={cfg.seed}", "trainer.log_every=50"]
+    if not (public_run / "final" / "flexmoe.json").exists():
+        _say(f"training the public model ({cfg.public_steps} steps)", t0)
+        _run(flexmoe + ["train", f"out_dir={public_run}", "stage=public_pretrain",
+                        f"+data.train.public={data['public']['train']}",
+                        f"+data.val.public={data['public']['val']}",
+                        f"trainer.steps={cfg.public_steps}", f"optim.lr={cfg.public_lr}",
+                        f"optim.warmup_steps={max(cfg.public_steps // 20, 1)}", f"trainer.threads={cores}", *common],
+             logs / "public.log", cores)
+    public = public_run / "final"
+    meta = json.loads((public / "flexmoe.json").read_text())
+    if not (meta.get("router_embedding") or {}).get("router_public"):
+        _run(flexmoe + ["router-embed", "--model", str(public), "--data", str(data["public"]["train"]),
+                        "--public", "--seq-len", str(cfg.seq_len)], logs / "public.log", cores)
+
+    # 3. Each owner, alone: router row from its own data, branch, train, package.
+    def owner(domain: str) -> Path:
+        d = out / "owners" / domain
+        d.mkdir(parents=True, exist_ok=True)
+        log = logs / f"owner-{domain}.log"
+        pkg = d / "package"
+        if (pkg / "manifest.json").exists():
+            return pkg
+        _run(flexmoe + ["router-embed", "--model", str(public), "--data", str(data[domain]["train"]),
+                        "--out", str(d / "router.safetensors"), "--seq-len", str(cfg.seq_len)], log, threads_each)
+        if not (d / "anchor" / "flexmoe.json").exists():
+            _run(flexmoe + ["branch", str(public), str(d / "anchor"), "--router-embedding",
+                            str(d / "router.safetensors")], log, threads_each)
+        _run(flexmoe + ["train", f"out_dir={d / 'train'}", "stage=expert_anchor", f"init_from={d / 'anchor'}",
+                        f"+data.train.{domain}={data[domain]['train']}",
+                        f"+data.train.public={data['public']['train']}",
+                        f"+data.val.{domain}={data[domain]['val']}", f"stage.public_mix={cfg.public_mix}",
+                        f"trainer.steps={cfg.expert_steps}", f"optim.lr={cfg.expert_lr}",
+                        f"optim.warmup_steps={max(cfg.expert_steps // 20, 1)}", f"trainer.threads={threads_each}",
+                        f"meta.owner=owner-{domain}", f"meta.domain={domain}", *common], log, threads_each)
+        _run(flexmoe + ["package", str(d / "train" / "final"), str(pkg), "--owner", f"owner-{domain}",
+                        "--domain", domain, "--licence", "research"], log, threads_each)
+        return pkg
+
+    _say(f"training {len(cfg.domains)} experts, {jobs} owner process(es) at a time, each on its own data", t0)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        packages = dict(zip(cfg.domains, pool.map(owner, cfg.domains)))
+
+    # 4. Merge every package.
+    merged = out / "merged"
+    if not (merged / "flexmoe.json").exists():
+        _run(flexmoe + ["merge", str(public), *map(str, packages.values()), "--out", str(merged),
+                        "--top-k", str(cfg.top_k)], logs / "merge.log", cores)
+    _say("merged; evaluating", t0)
+
+    # 5. Evaluate and report.
+    from flexmoe.eval.report import evaluate_lifecycle, write_report
+
+    results = evaluate_lifecycle(public, merged, {d: out / "owners" / d / "train" / "final" for d in cfg.domains},
+                                 {d: data[d]["val"] for d in ["public", *cfg.domains]}, cfg.seq_len,
+                                 cfg.eval_windows)
+    results["seconds"] = time.perf_counter() - t0
+    results["config"] = dataclasses.asdict(cfg)
+    write_report(out, results, cfg.domains)
+    _say(f"done: {out / 'report.md'}", t0)
+    return results

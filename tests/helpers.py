@@ -1,0 +1,51 @@
+"""Small builders shared by tests: a public model directory and expert packages, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from flexmoe.config import ModelConfig
+from flexmoe.convert.safetensors_io import load_model_dir, save_model_dir
+from flexmoe.flex.branch import branch
+from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.flex.package import make_package
+from flexmoe.flex.router_init import attach_public_embedding
+from flexmoe.model import Transformer
+
+TINY = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48)
+
+
+def make_public(root: Path, cfg: ModelConfig = TINY, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    model.reset_parameters(seed=seed)
+    sd = model.state_dict()
+    out = save_model_dir(root / "public", cfg, sd, {"kind": "public", "fingerprint": fingerprint(sd)})
+    rows = torch.randn(cfg.num_layers, cfg.d_model, generator=torch.Generator().manual_seed(seed + 99))
+    save_file({"router_embedding": rows}, str(root / "public_rows.safetensors"))
+    attach_public_embedding(out, root / "public_rows.safetensors")
+    return out
+
+
+def make_trained_anchor(root: Path, public: Path, domain: str, seed: int) -> Path:
+    """A branched model whose expert 1 and router row 1 moved, as training would move them."""
+    g = torch.Generator().manual_seed(seed)
+    cfg, _, _ = load_model_dir(public)
+    owner_rows = torch.randn(cfg.num_layers, cfg.d_model, generator=g)
+    anchor = branch(public, root / f"anchor-{domain}", owner_rows)
+    mcfg, sd, meta = load_model_dir(anchor)
+    for k, v in sd.items():
+        if ".ffn.experts." in k:
+            v[1] += 0.05 * torch.randn(v[1].shape, generator=g)
+    return save_model_dir(root / f"trained-{domain}", mcfg, sd, dict(meta, tokens_seen=1000), overwrite=True)
+
+
+def make_packages(root: Path, public: Path, domains: list[str]) -> list[Path]:
+    pkgs = []
+    for i, d in enumerate(domains):
+        trained = make_trained_anchor(root, public, d, seed=100 + i)
+        pkgs.append(make_package(trained, root / f"pkg-{d}", owner=f"owner-{d}", domain=d, licence="research"))
+    return pkgs
