@@ -202,15 +202,22 @@ COMMANDS = {
 }
 
 
+def _all_commands() -> dict:
+    from flexmoe.convert.commands import COMMANDS as convert_commands
+
+    return {**COMMANDS, **convert_commands}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: dispatch to a subcommand; user errors become one line on stderr and exit 2."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    cmd = COMMANDS.get(argv[0])
+    commands = _all_commands()
+    cmd = commands.get(argv[0])
     if cmd is None:
-        print(f"flexmoe: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"flexmoe: unknown command {argv[0]!r}; choose from {', '.join(commands)}", file=sys.stderr)
         return 2
     from flexmoe.convert.safetensors_io import CheckpointError
 

@@ -49,6 +49,7 @@ class TrainerConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
+    stop_after: int = 0  # >0: checkpoint and stop after this many steps of this run (time-sliced jobs)
 
 
 @dataclass

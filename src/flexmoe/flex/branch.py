@@ -47,7 +47,7 @@ def branch(public_dir: str | Path, out_dir: str | Path, owner_rows: torch.Tensor
     rows default to the ones shipped with the public model.
     """
     cfg, sd, meta = load_model_dir(public_dir)
-    if public_rows is None and "router_public" in meta.get("router_embedding", {}):
+    if public_rows is None and "router_public" in (meta.get("router_embedding") or {}):
         public_rows = _load_rows(Path(public_dir) / meta["router_embedding"]["router_public"])
     rows = None
     if owner_rows is not None:

@@ -176,10 +176,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             t_last, steps_since, losses = time.perf_counter(), 0, []
         if cfg.trainer.eval_every and s % cfg.trainer.eval_every == 0 and s < cfg.trainer.steps and val:
             history.append(_validate(model, val, cfg, s, logger))
-        if cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < cfg.trainer.steps:
+        stopping = cfg.trainer.stop_after > 0 and s - start >= cfg.trainer.stop_after and s < cfg.trainer.steps
+        if (cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < cfg.trainer.steps) or stopping:
             ckpt.save_checkpoint(ckpt_root, s, model, optimizer,
                                  {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},
                                  keep_last=cfg.trainer.keep_last)
+        if stopping:
+            logger.close()
+            return {"stopped_at": s, "checkpoint": str(ckpt.complete_checkpoints(ckpt_root)[-1])}
     final_val = _validate(model, val, cfg, cfg.trainer.steps, logger) if val else {}
     ckpt.save_checkpoint(ckpt_root, cfg.trainer.steps, model, optimizer,
                          {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},

@@ -1,0 +1,3 @@
+"""CLI subcommands for Hugging Face interop and release tools (wired into `flexmoe` by cli.py)."""
+
+COMMANDS: dict = {}
