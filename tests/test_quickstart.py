@@ -1,0 +1,37 @@
+"""The quickstart end to end at toy size: every lifecycle step runs in its own process and the
+report has every row, on every eval domain, with finite numbers."""
+
+import json
+import math
+
+from flexmoe.quickstart import QuickstartConfig, run_quickstart
+
+
+def test_quickstart_small(tmp_path):
+    cfg = QuickstartConfig.from_overrides([
+        f"out_dir={tmp_path}", "public_steps=30", "expert_steps=12", "max_bytes_per_domain=150000",
+        "eval_windows=6", "seq_len=128", "batch_size=8"])
+    res = run_quickstart(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["eval_domains"] == ["public", "code", "legal", "math"]
+    rows = {"public", "merged", "soup"} | {f"expert/{d}" for d in cfg.domains} | {
+        f"merged-without/{d}" for d in cfg.domains}
+    assert rows <= set(report["perplexity"])
+    for row in rows:
+        for d in report["eval_domains"]:
+            v = report["perplexity"][row][d]
+            assert math.isfinite(v) and 1.0 < v < 300.0, (row, d, v)
+    assert report["seconds"] > 0 and res["seconds"] == report["seconds"]
+    for shares in report["routing_shares"].values():
+        assert abs(sum(shares) - 1.0) < 1e-6 and len(shares) == 4
+    assert (tmp_path / "routing_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert "| merged-without/legal |" in md and "routing_heatmap.png" in md
+    # each owner's package carries only its expert and the public fingerprint
+    public_fp = json.loads((tmp_path / "public" / "final" / "flexmoe.json").read_text())["fingerprint"]
+    for d in cfg.domains:
+        m = json.loads((tmp_path / "owners" / d / "package" / "manifest.json").read_text())
+        assert m["domain"] == d and m["base_fingerprint"] == public_fp and m["tokens_seen"] == 12 * 8 * 128
+    # the merged model's opt-out rows are real: switching an expert off changes its own domain
+    for d in cfg.domains:
+        assert report["perplexity"][f"merged-without/{d}"][d] != report["perplexity"]["merged"][d]
