@@ -45,7 +45,13 @@ def cmd_train(argv: list[str]) -> int:
 
         if cfg.dry_run:
             print(OmegaConf.to_yaml(cfg))
-        out = train(cfg)
+        try:
+            out = train(cfg)
+        except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, not a traceback
+            if os.environ.get("FLEXMOE_DEBUG"):
+                raise
+            print(f"flexmoe train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
         result.update(out)
         print(json.dumps({k: v for k, v in out.items() if k in (
             "final", "val_loss", "tokens_seen", "params_total", "params_active", "params_trainable",
@@ -93,7 +99,7 @@ def cmd_router_embed(argv: list[str]) -> int:
     p.add_argument("--public", action="store_true", help="attach the result to the public model as its router row")
     p.add_argument("--embedder", help="local sentence-transformers model directory (default: hidden states)")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--num-windows", type=int, default=64)
+    p.add_argument("--num-windows", type=int, default=128)
     a = p.parse_args(argv)
     out = a.out or str(Path(a.model) / ".router_public.tmp.safetensors")
     rows = compute_router_embedding(a.model, a.data, out, seq_len=a.seq_len, num_windows=a.num_windows,
@@ -148,8 +154,10 @@ def cmd_merge(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--top-k", type=int)
     p.add_argument("--norm-topk-prob", action="store_true")
+    p.add_argument("--routing", default="topk", choices=["topk", "anchor_top1", "anchor_doc"],
+                   help="routing policy of the merged model (see model.routing)")
     a = p.parse_args(argv)
-    merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob)
+    merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing)
     return 0
 
 

@@ -31,6 +31,7 @@ class QuickstartConfig:
     expert_lr: float = 2e-3
     public_mix: float = 0.25
     top_k: int = 2
+    routing: str = "topk"  # the merged model's routing policy; the report also shows the others
     eval_windows: int = 48
     jobs: int = 0  # parallel owner processes; 0: one per CPU core
     seed: int = 0
@@ -147,7 +148,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     merged = out / "merged"
     if not (merged / "flexmoe.json").exists():
         _run(flexmoe + ["merge", str(public), *map(str, packages.values()), "--out", str(merged),
-                        "--top-k", str(cfg.top_k)], logs / "merge.log", cores)
+                        "--top-k", str(cfg.top_k), "--routing", cfg.routing], logs / "merge.log", cores)
     _say("merged; evaluating", t0)
 
     # 5. Evaluate and report.

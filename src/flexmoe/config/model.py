@@ -31,6 +31,12 @@ class ModelConfig:
     top_k: int = 2
     norm_topk_prob: bool = False
     router_bias: bool = False  # FlexOlmo's per-expert non-positive bias (held at 0 for expert 0)
+    # topk: plain token-choice top-k over all experts. anchor_top1: the anchor (expert 0) always,
+    # plus the best domain expert by router logit. anchor_doc: the anchor plus the domain expert
+    # whose centroid is nearest the causal running mean of the document's layer-0 FFN input (no
+    # expert when the public centroid is nearest). Both anchor_* policies weigh the pair by a 2-way
+    # softmax, which is exactly what the owner's own 2-expert model computes.
+    routing: str = "topk"
     lb_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
     # Implementation choices ("auto" picks the fast path that is importable).
@@ -69,6 +75,8 @@ class ModelConfig:
             (self.num_experts >= 0, "model.num_experts must be >= 0"),
             (self.num_experts == 0 or 1 <= self.top_k <= self.num_experts,
              f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}"),
+            (self.routing in ("topk", "anchor_top1", "anchor_doc"),
+             f"model.routing={self.routing!r} is not topk|anchor_top1|anchor_doc"),
             (self.attn_impl in ("auto", "sdpa", "flash", "eager"), f"model.attn_impl={self.attn_impl!r} is not auto|sdpa|flash|eager"),
             (self.moe_impl in ("auto", "grouped", "loop"), f"model.moe_impl={self.moe_impl!r} is not auto|grouped|loop"),
             (self.norm_impl in ("auto", "torch", "apex"), f"model.norm_impl={self.norm_impl!r} is not auto|torch|apex"),

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from flexmoe.config.model import ModelConfig
+from flexmoe.config.parallel import ParallelConfig
 
 
 @dataclass
@@ -76,6 +77,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     meta: OwnerConfig = field(default_factory=OwnerConfig)
     tokenizer: Optional[str] = None  # recorded in the output; `bytes` or a tokenizer directory

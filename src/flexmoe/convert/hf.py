@@ -167,3 +167,39 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         pad_token_id=hf.get("pad_token_id"),
         eos_token_id=hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else None,
     )
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every HF on-disk (per-expert) tensor of a model with this config, in key_pairs order."""
+    D, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
+    by_suffix = {
+        "embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "model.norm.weight": (D,),
+        "q_proj.weight": (q, D), "k_proj.weight": (kv, D), "v_proj.weight": (kv, D), "o_proj.weight": (D, q),
+        "q_norm.weight": (q,), "k_norm.weight": (kv,), "layernorm.weight": (D,),
+        "gate_proj.weight": (F, D), "up_proj.weight": (F, D), "down_proj.weight": (D, F),
+        "mlp.gate.weight": (cfg.num_experts, D),
+    }
+    out = {}
+    for _, _, hf in key_pairs(cfg):
+        out[hf] = next(shape for suffix, shape in by_suffix.items() if hf.endswith(suffix))
+    return out
+
+
+# Native MoE tensors with no Hugging Face counterpart, which a native model may lack (loaded as zeros):
+# document routing's per-expert centroids. Export leaves them out; top-k routing never reads them.
+NATIVE_ONLY = ("domain_centroids",)
+
+
+def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every native (canonical, stacked `[E, ...]`) tensor: router bias when configured, and
+    the NATIVE_ONLY tensors of an MoE."""
+    hf = hf_shapes(cfg)
+    out: dict[str, tuple[int, ...]] = {}
+    for nat, slot, key in key_pairs(cfg):
+        out[nat] = hf[key] if slot is None else (cfg.num_experts,) + hf[key]
+    if cfg.is_moe and cfg.router_bias:
+        out.update({f"layers.{i}.ffn.router.bias": (cfg.num_experts,) for i in range(cfg.num_layers)})
+    if cfg.is_moe:
+        out["domain_centroids"] = (cfg.num_experts, cfg.d_model)
+    return out

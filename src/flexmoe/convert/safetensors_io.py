@@ -86,6 +86,15 @@ def save_model_dir(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torc
     return Path(dst)
 
 
+def verify_files(src: Path, meta: dict[str, Any]) -> None:
+    """Every file listed in flexmoe.json's `files` must exist with its recorded sha256."""
+    for name, digest in meta.get("files", {}).items():
+        if not (src / name).is_file():
+            raise CheckpointError(f"{src / name}: missing")
+        if sha256_file(src / name) != digest:
+            raise CheckpointError(f"{src / name}: sha256 does not match {src / META}; the file is corrupted")
+
+
 def load_model_dir(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read a native model directory; with `verify`, file sha256s must match flexmoe.json."""
     src = Path(src)
@@ -93,11 +102,7 @@ def load_model_dir(src: str | Path, verify: bool = True) -> tuple[ModelConfig, d
         raise CheckpointError(f"{src}: not a directory (expected a flexmoe model directory)")
     meta = read_json(src / META) if (src / META).exists() else {}
     if verify:
-        for name, digest in meta.get("files", {}).items():
-            if not (src / name).is_file():
-                raise CheckpointError(f"{src / name}: missing")
-            if sha256_file(src / name) != digest:
-                raise CheckpointError(f"{src / name}: sha256 does not match {src / META}; the file is corrupted")
+        verify_files(src, meta)
     cfg = ModelConfig.load(src / CONFIG)
     try:
         sd = load_file(str(src / WEIGHTS))

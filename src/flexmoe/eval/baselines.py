@@ -16,7 +16,7 @@ def soup_model(merged: Transformer) -> Transformer:
     cfg = merged.cfg.replace(num_experts=0, router_bias=False)
     sd = {}
     for k, v in merged.state_dict().items():
-        if ".ffn.router." in k:
+        if ".ffn.router." in k or k == "domain_centroids":
             continue
         if ".ffn.experts." in k:
             layer, name = k.split(".")[1], k.rsplit(".", 1)[1]

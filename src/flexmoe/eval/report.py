@@ -39,6 +39,12 @@ def evaluate_lifecycle(public_dir: Path, merged_dir: Path, expert_dirs: dict[str
     ppl["merged"] = row(model_logprobs(merged))
     for d in expert_dirs:
         ppl[f"merged-without/{d}"] = row(model_logprobs(merged, expert_mask(meta["experts"], [d])))
+    # The same merged weights under the other routing policies (a setting, not a retrain).
+    for policy in ("topk", "anchor_top1", "anchor_doc"):
+        if policy != mcfg.routing:
+            alt = type(merged)(mcfg.replace(routing=policy))
+            alt.load_state_dict(merged.state_dict())
+            ppl[f"merged[routing={policy}]"] = row(model_logprobs(alt.eval()))
     ppl["soup"] = row(model_logprobs(soup_model(merged)))
     ppl["btm-ensemble"] = row(ensemble_logprobs([m.eval() for m in experts.values()]))
     shares = {d: routing_shares(merged, w, num_windows=min(num_windows, 16)) for d, w in windows.items()}
@@ -82,7 +88,8 @@ def write_report(out: Path, results: dict[str, Any], domains: list[str]) -> None
     lines += ["", "Rows: `public` the dense public model; `expert/<d>` owner d's 2-expert model (public + own "
               "expert); `merged` all experts; `merged-without/<d>` the merged model with d opted out at inference; "
               "`soup` the experts' FFNs averaged into one dense model; `btm-ensemble` the owners' models' output "
-              "distributions averaged.", "", "## Claims checked on these numbers", ""]
+              "distributions averaged; `merged[routing=...]` the same merged weights under another routing policy "
+              "(see `model.routing`).", "", "## Claims checked on these numbers", ""]
     lines += [f"- [{'x' if ok else ' '}] {c}" for c, ok in claims]
     lines += ["", "## Routing", "", f"![routing heatmap]({heat.name})", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -36,6 +36,8 @@ def branch_state_dict(
             out[f"layers.{i}.ffn.router.weight"] = torch.zeros(2, cfg.d_model)
         if moe_cfg.router_bias:
             out[f"layers.{i}.ffn.router.bias"] = torch.zeros(2)
+    # Layer-0 rows double as the domain centroids of document routing (public, owner).
+    out["domain_centroids"] = router_rows[0].float().clone() if router_rows is not None else torch.zeros(2, cfg.d_model)
     return moe_cfg, out
 
 

@@ -18,7 +18,7 @@ def anchor_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out = {}
     for k, v in sd.items():
-        if ".ffn.router." in k:
+        if ".ffn.router." in k or k == "domain_centroids":
             continue
         m = _EXPERT.match(k)
         if m:

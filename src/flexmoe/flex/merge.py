@@ -1,5 +1,9 @@
 """Merge: the public model + any N expert packages -> one (N+1)-expert MoE.
 
+Inputs may also be Hugging Face directories: 2-expert FlexOlmo checkpoints as experts and a
+dense Olmo2 as the public model (see convert/hf_package.py). For a Hugging Face output, run
+`flexmoe export-hf` on the merged directory.
+
 Everything is checked before anything is written: fingerprints, shapes, duplicate domains and
 every file's sha256. A refusal is one line naming the file at fault, and leaves no output.
 """
@@ -12,16 +16,19 @@ from typing import Any
 
 import torch
 
+from flexmoe.convert.hf_dir import hf_architecture
+from flexmoe.convert.hf_package import read_hf_anchor, read_hf_public
 from flexmoe.convert.safetensors_io import CheckpointError, load_model_dir, save_model_dir
 from flexmoe.flex.fingerprint import fingerprint
 from flexmoe.flex.package import read_package
 
 
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
-          norm_topk_prob: bool = False, overwrite: bool = False) -> Path:
+          norm_topk_prob: bool = False, routing: str = "topk", overwrite: bool = False) -> Path:
     """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package."""
     public_dir = Path(public_dir)
-    cfg, sd, meta = load_model_dir(public_dir)
+    # A dense Hugging Face Olmo2 directory may stand in for the native public model.
+    cfg, sd, meta = read_hf_public(public_dir) if hf_architecture(public_dir) else load_model_dir(public_dir)
     if cfg.is_moe:
         raise CheckpointError(f"{public_dir}: merge takes the dense public model, found num_experts={cfg.num_experts}")
     fp = meta.get("fingerprint") or fingerprint(sd)
@@ -32,7 +39,12 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     loaded: list[tuple[Path, dict[str, Any], dict[str, torch.Tensor]]] = []
     seen: dict[str, Path] = {}
     for pkg in map(Path, packages):
-        manifest, tensors = read_package(pkg)
+        if not (pkg / "manifest.json").exists() and hf_architecture(pkg):
+            # A Hugging Face 2-expert FlexOlmo checkpoint: slot 1 is the owner's expert, once
+            # slot 0 and every shared tensor are proven to be this public model's.
+            manifest, tensors = read_hf_anchor(pkg, fp, public_sd=sd)
+        else:
+            manifest, tensors = read_package(pkg)
         if manifest["base_fingerprint"] != fp:
             raise CheckpointError(f"{pkg / 'manifest.json'}: base fingerprint {manifest['base_fingerprint'][:12]}... "
                                   f"is not the public model's {fp[:12]}...; it was trained from another model")
@@ -58,11 +70,15 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
         if use_bias:
             out[f"layers.{i}.ffn.router.bias"] = torch.cat(
                 [torch.zeros(1)] + [t.get(f"layers.{i}.bias", torch.zeros(1)).float() for _, _, t in loaded])
-    merged_cfg = cfg.replace(num_experts=num_experts, top_k=k, norm_topk_prob=norm_topk_prob, router_bias=use_bias)
+    # Document routing's centroids: the public row and each owner's embedding at layer 0.
+    out["domain_centroids"] = torch.stack(
+        [public_rows[0]] + [t.get("domain_embedding", torch.zeros(cfg.d_model)).float() for _, _, t in loaded])
+    merged_cfg = cfg.replace(num_experts=num_experts, top_k=k, norm_topk_prob=norm_topk_prob, router_bias=use_bias,
+                             routing=routing)
     experts = [{"slot": 0, "owner": "public", "domain": "public", "licence": meta.get("licence", "unspecified")}]
     for j, (pkg, m, _) in enumerate(loaded, start=1):
         experts.append({"slot": j, "owner": m["owner"], "domain": m["domain"], "licence": m.get("licence"),
-                        "package_sha256": m["files"]["expert.safetensors"], "tokens_seen": m.get("tokens_seen"),
+                        "package_sha256": m["files"].get("expert.safetensors"), "tokens_seen": m.get("tokens_seen"),
                         "dp": m.get("dp"), "source": str(pkg)})
     new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts}
     path = save_model_dir(out_dir, merged_cfg, out, new_meta, overwrite=overwrite)
@@ -81,7 +97,11 @@ def _check_shapes(pkg: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"{pkg / 'expert.safetensors'}: layers.{i}.{name} has shape {tuple(t.shape)}, "
                                       f"the public model needs {shape}")
-    extra = [k for k in tensors if int(k.split(".")[1]) >= cfg.num_layers]
+    emb = tensors.get("domain_embedding")
+    if emb is not None and tuple(emb.shape) != (cfg.d_model,):
+        raise CheckpointError(f"{pkg / 'expert.safetensors'}: domain_embedding has shape {tuple(emb.shape)}, "
+                              f"the public model needs ({cfg.d_model},)")
+    extra = [k for k in tensors if k.startswith("layers.") and int(k.split(".")[1]) >= cfg.num_layers]
     if extra:
         raise CheckpointError(f"{pkg / 'expert.safetensors'}: has tensors for layers the public model lacks ({extra[0]})")
 

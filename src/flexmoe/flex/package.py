@@ -40,6 +40,8 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
         bias = sd.get(f"layers.{i}.ffn.router.bias")
         if bias is not None:
             tensors[f"layers.{i}.bias"] = bias[1:2].clamp(max=0).contiguous()
+    if "domain_centroids" in sd:  # the owner's layer-0 embedding, for document routing
+        tensors["domain_embedding"] = sd["domain_centroids"][1].float().contiguous()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         manifest = {

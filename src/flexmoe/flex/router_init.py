@@ -16,15 +16,22 @@ from flexmoe.convert.safetensors_io import CheckpointError, load_model, read_jso
 
 
 @torch.no_grad()
-def hidden_state_embedding(model, windows, num_windows: int = 64, batch_size: int = 8) -> torch.Tensor:
-    """Mean FFN-input hidden state per layer over the first `num_windows` windows -> `[L, D]`."""
+def spread_indices(num_total: int, num_wanted: int) -> np.ndarray:
+    """Evenly spaced window indices over the whole set: the first N windows of a token stream are
+    a handful of documents, not a sample of the domain (seen: a legal centroid from 2 licences)."""
+    n = min(num_total, num_wanted)
+    return np.unique(np.linspace(0, num_total - 1, n).round().astype(np.int64))
+
+
+def hidden_state_embedding(model, windows, num_windows: int = 128, batch_size: int = 8) -> torch.Tensor:
+    """Mean FFN-input hidden state per layer over `num_windows` windows spread over the set -> `[L, D]`."""
     model.eval()
-    n = min(len(windows), num_windows)
-    if n == 0:
+    idx = spread_indices(len(windows), num_windows)
+    if len(idx) == 0:
         raise ValueError("router embedding needs at least one window of data")
     sums, count = None, 0
-    for start in range(0, n, batch_size):
-        batch = torch.from_numpy(np.stack([windows[i] for i in range(start, min(start + batch_size, n))]))
+    for start in range(0, len(idx), batch_size):
+        batch = torch.from_numpy(np.stack([windows[int(i)] for i in idx[start:start + batch_size]]))
         hs = model(batch[:, :-1], capture_hidden=True, last_hidden_only=True).hidden_states
         layer_sums = torch.stack([h.float().sum(dim=(0, 1)) for h in hs])
         sums = layer_sums if sums is None else sums + layer_sums
@@ -52,7 +59,7 @@ def embedder_embedding(embedder_path: str | Path, texts: list[str], d_model: int
 
 
 def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_file: str | Path, *,
-                             seq_len: int = 256, num_windows: int = 64, embedder: str | None = None,
+                             seq_len: int = 256, num_windows: int = 128, embedder: str | None = None,
                              seed: int = 0) -> torch.Tensor:
     """Write `{"router_embedding": [L, D]}` safetensors for the data in `data_dir` under `model_dir`."""
     from safetensors.torch import save_file
@@ -63,7 +70,7 @@ def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_fi
     windows = TokenWindows(data_dir, seq_len)
     if embedder:
         tok = load_tokenizer(windows.manifest["tokenizer"])
-        texts = [tok.decode(windows[i].tolist()) for i in range(min(len(windows), num_windows))]
+        texts = [tok.decode(windows[int(i)].tolist()) for i in spread_indices(len(windows), num_windows)]
         rows = embedder_embedding(embedder, texts, cfg.d_model, cfg.num_layers, seed)
     else:
         rows = hidden_state_embedding(model, windows, num_windows)

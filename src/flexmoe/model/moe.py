@@ -31,9 +31,11 @@ class Routing:
 class Router(nn.Module):
     """Token-choice top-k router in fp32 with an optional non-positive per-expert bias."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, norm_topk_prob: bool, bias: bool):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, norm_topk_prob: bool, bias: bool,
+                 routing: str = "topk"):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+        self.routing = routing
         self.weight = nn.Parameter(torch.zeros(num_experts, d_model))
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
 
@@ -46,10 +48,15 @@ class Router(nn.Module):
             logits_TE = logits_TE + b
         return logits_TE
 
-    def forward(self, x_TD: torch.Tensor, expert_mask: torch.Tensor | None = None):
+    def forward(self, x_TD: torch.Tensor, expert_mask: torch.Tensor | None = None,
+                choice_T: torch.Tensor | None = None):
+        """-> (logits_TE, probs_TE, top_w_TK, top_idx_TK). `choice_T`: the domain expert per token
+        picked by document routing (0 = anchor only), for `routing=anchor_doc`."""
         logits_TE = self.logits(x_TD)
         if expert_mask is not None:
             logits_TE = logits_TE.masked_fill(~expert_mask.to(logits_TE.device), float("-inf"))
+        if self.routing != "topk":
+            return self._anchor_pair(logits_TE, choice_T)
         probs_TE = logits_TE.softmax(dim=-1)
         k = self.top_k
         if expert_mask is not None:
@@ -60,6 +67,22 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             top_w_TK = top_w_TK / top_w_TK.sum(dim=-1, keepdim=True)
         return logits_TE, probs_TE, top_w_TK, top_idx_TK
+
+    def _anchor_pair(self, logits_TE: torch.Tensor, choice_T: torch.Tensor | None):
+        """The anchor plus one domain expert, weighed by the softmax over just that pair."""
+        if choice_T is None:  # anchor_top1: best domain expert by logit; none when all are masked
+            best_T = logits_TE[:, 1:].max(dim=-1)
+            choice_T = best_T.indices + 1
+            anchor_only = torch.isinf(best_T.values)
+        else:
+            anchor_only = choice_T == 0
+        pair_T2 = torch.stack([logits_TE[:, 0], logits_TE.gather(1, choice_T[:, None]).squeeze(1)], dim=-1)
+        w_T2 = pair_T2.softmax(dim=-1)
+        one_hot = torch.tensor([1.0, 0.0], device=w_T2.device, dtype=w_T2.dtype)
+        w_T2 = torch.where(anchor_only[:, None], one_hot, w_T2)
+        idx_T2 = torch.stack([torch.zeros_like(choice_T), torch.where(anchor_only, 0, choice_T)], dim=-1)
+        probs_TE = torch.zeros_like(logits_TE).scatter_add(1, idx_T2, w_T2)
+        return logits_TE, probs_TE, w_T2, idx_T2
 
 
 class GroupedExperts(nn.Module):
@@ -103,16 +126,23 @@ class GroupedExperts(nn.Module):
             self.register_parameter(name, nn.Parameter(full))
         self.num_frozen = 0
 
-    def stacked(self, name: str) -> torch.Tensor:
+    def local(self, name: str) -> torch.Tensor:
+        """The weight this process computes with. Expert/tensor-parallel styles (flexmoe.parallel)
+        turn the weights into DTensors; the math here always runs on this rank's shard, and the
+        styles' hooks around forward() move tokens and partial sums."""
         w = getattr(self, name)
+        return w.to_local() if hasattr(w, "to_local") else w
+
+    def stacked(self, name: str) -> torch.Tensor:
+        w = self.local(name)
         if self.num_frozen:
-            w = torch.cat([getattr(self, name + FROZEN_SUFFIX), w])
+            w = torch.cat([self.local(name + FROZEN_SUFFIX), w])
         return w
 
     def slot(self, name: str, e: int) -> torch.Tensor:
         if e < self.num_frozen:
-            return getattr(self, name + FROZEN_SUFFIX)[e]
-        return getattr(self, name)[e - self.num_frozen]
+            return self.local(name + FROZEN_SUFFIX)[e]
+        return self.local(name)[e - self.num_frozen]
 
     # --- compute -------------------------------------------------------------------------------
     def _use_grouped(self, x: torch.Tensor) -> bool:
@@ -124,7 +154,10 @@ class GroupedExperts(nn.Module):
         return ok
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """`x_ND` holds tokens sorted by expert; `counts_E[e]` of them belong to expert e."""
+        """`x_ND` holds tokens sorted by expert; `counts_E[e]` of them belong to expert e.
+
+        Under expert parallelism the hooks hand in this rank's experts only: the frozen slots
+        (replicated on every rank) first, then the local part of the trainable stack."""
         if self._use_grouped(x_ND):  # pragma: no cover - GPU only
             offs = counts_E.cumsum(0).to(torch.int32)
             g = F.grouped_mm(x_ND, self.stacked("gate_proj").transpose(-2, -1), offs=offs)
@@ -148,16 +181,19 @@ class MoE(nn.Module):
         super().__init__()
         self.num_experts = cfg.num_experts
         self.lb_loss_weight, self.z_loss_weight = cfg.lb_loss_weight, cfg.z_loss_weight
-        self.router = Router(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob, cfg.router_bias)
+        self.router = Router(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob, cfg.router_bias,
+                             cfg.routing)
         self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.moe_impl)
         self.record_routing = False
         self.last_routing: Routing | None = None
         self.last_aux_loss: torch.Tensor | None = None
 
-    def forward(self, x_BSD: torch.Tensor, expert_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, expert_mask: torch.Tensor | None = None,
+                choice_BS: torch.Tensor | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
-        logits_TE, probs_TE, top_w_TK, top_idx_TK = self.router(x_TD, expert_mask)
+        choice_T = choice_BS.reshape(-1) if choice_BS is not None else None
+        logits_TE, probs_TE, top_w_TK, top_idx_TK = self.router(x_TD, expert_mask, choice_T)
         T, K = top_idx_TK.shape
 
         # Sort token copies by expert so every expert sees one contiguous block (dropless).

@@ -33,11 +33,11 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe else DenseFFN(cfg.d_model, cfg.d_ff)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_impl)
 
-    def forward(self, x, cos, sin, expert_mask=None, capture=None):
-        h = x + self.attn_norm(self.attn(x, cos, sin))
-        if capture is not None:
-            capture.append(h)
-        ffn_out = self.ffn(h, expert_mask) if isinstance(self.ffn, MoE) else self.ffn(h)
+    def attend(self, x, cos, sin):
+        return x + self.attn_norm(self.attn(x, cos, sin))
+
+    def feed(self, h, expert_mask=None, choice=None):
+        ffn_out = self.ffn(h, expert_mask, choice) if isinstance(self.ffn, MoE) else self.ffn(h)
         return h + self.ffn_norm(ffn_out)
 
 
@@ -50,6 +50,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_impl)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.dim_head, cfg.rope_theta)
+        if cfg.is_moe:
+            # Per-expert mean layer-0 FFN input of its owner's data (slot 0: public data), for
+            # routing=anchor_doc. Stored in model.safetensors; absent in HF checkpoints (zeros).
+            self.register_buffer("domain_centroids", torch.zeros(cfg.num_experts, cfg.d_model))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -67,6 +71,23 @@ class Transformer(nn.Module):
     # --- MoE helpers -----------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.cfg.is_moe and "domain_centroids" not in state_dict:
+            state_dict = dict(state_dict, domain_centroids=self.domain_centroids.detach().clone())
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def document_choice(self, h0_BSD: torch.Tensor, expert_mask: torch.Tensor | None) -> torch.Tensor:
+        """Per token, the expert whose centroid is nearest the running mean of h0 up to that token
+        (causal: token t sees only tokens <= t). 0 means the public centroid won: anchor only."""
+        S = h0_BSD.shape[1]
+        mean_BSD = h0_BSD.float().cumsum(1) / torch.arange(1, S + 1, device=h0_BSD.device)[None, :, None]
+        c_ED = self.domain_centroids.float()
+        d2_BSE = (c_ED * c_ED).sum(-1) - 2 * mean_BSD @ c_ED.T  # |m|^2 is the same for every expert
+        if expert_mask is not None:
+            d2_BSE = d2_BSE.masked_fill(~expert_mask.to(d2_BSE.device), float("inf"))
+        return d2_BSE.argmin(-1)
 
     def set_record_routing(self, on: bool) -> None:
         for m in self.moe_layers():
@@ -92,8 +113,14 @@ class Transformer(nn.Module):
         x = self.embed(tokens_BS)
         cos, sin = self.rope(S, x.device)
         captured: list[torch.Tensor] | None = [] if capture_hidden else None
-        for block in self.layers:
-            x = block(x, cos, sin, expert_mask, captured)
+        choice = None
+        for i, block in enumerate(self.layers):
+            h = block.attend(x, cos, sin)
+            if captured is not None:
+                captured.append(h)
+            if i == 0 and self.cfg.is_moe and self.cfg.routing == "anchor_doc":
+                choice = self.document_choice(h, expert_mask)
+            x = block.feed(h, expert_mask, choice)
         x = self.norm(x)
         logits = x if last_hidden_only else self.lm_head(x)
         aux = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]

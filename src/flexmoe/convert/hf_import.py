@@ -1,0 +1,45 @@
+"""`flexmoe import-hf`: a Hugging Face Olmo2 / FlexOlmo directory -> a native model directory, streamed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flexmoe.convert.hf_dir import copy_tokenizer, expert_names, open_hf_dir
+from flexmoe.convert.native import write_native
+from flexmoe.convert.progress import Progress
+from flexmoe.convert.safetensors_io import META, atomic_dir, read_json
+from flexmoe.convert.stream import FilePool, stream_fingerprint
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:
+    """Convert an HF checkpoint directory into a native model directory at `dst`.
+
+    Dense Olmo2 becomes a public model (meta `fingerprint`); FlexOlmo becomes an anchor
+    (2 experts) or merged model with its `experts` names and `base_fingerprint` (slot 0 is the
+    anchor). Tokenizer files travel along into `dst/tokenizer/`.
+    """
+    src = Path(src)
+    ck = open_hf_dir(src)
+    tensors = ck.native()
+    with FilePool() as pool, atomic_dir(dst, overwrite=overwrite) as tmp:
+        # The fingerprint pass reads the shared tensors once more; it comes first so a
+        # checkpoint that fails to read fails before anything is written.
+        fp = stream_fingerprint(tensors, pool)
+        meta: dict[str, Any] = {"source": {"format": "hf", "architecture": ck.architecture, "path": str(src)}}
+        if ck.cfg.is_moe:
+            meta.update(kind="anchor" if ck.cfg.num_experts == 2 else "merged", base_fingerprint=fp,
+                        experts=expert_names(src, ck.cfg.num_experts))
+            src_meta = read_json(src / META) if (src / META).is_file() else {}
+            if src_meta.get("removed"):
+                meta["removed"] = src_meta["removed"]
+        else:
+            meta.update(kind="public", fingerprint=fp)
+        if copy_tokenizer(src, tmp / TOKENIZER_DIR):
+            meta["tokenizer"] = {"type": "hf", "path": TOKENIZER_DIR}  # relative to the model directory
+        progress = Progress(f"import-hf {src.name}", sum(t.nbytes for t in tensors.values()))
+        write_native(tmp, ck.cfg, tensors, meta, pool, progress)
+        progress.finish(f"{len(tensors)} tensors -> {dst}")
+    return Path(dst)

@@ -1,0 +1,87 @@
+"""Hugging Face checkpoints as merge inputs: a 2-expert FlexOlmo anchor as an expert package, and a
+dense Olmo2 directory as the public model.
+
+A 2-expert FlexOlmo checkpoint is what an owner who trained with another FlexOlmo stack
+publishes: slot 0 the public FFN, slot 1 their expert. It can join a merge only if it was
+branched from the very public model being merged, so every shared tensor and expert 0 must
+match it (same fingerprint); router row 0 is ignored, the public row comes from the public model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexmoe.config.model import ModelConfig
+from flexmoe.convert.hf_dir import HF_CONFIG, INDEX, SINGLE, listed_expert_names, open_hf_dir
+from flexmoe.convert.safetensors_io import CheckpointError
+from flexmoe.convert.stream import FilePool, LazyTensor, stream_fingerprint
+
+FORMAT = "hf-flexolmo-anchor"
+
+
+def read_hf_anchor(hf_dir: str | Path, public_fingerprint: str,
+                   public_sd: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(manifest, tensors) shaped like `flex.package.read_package`'s, from a 2-expert FlexOlmo directory.
+
+    `public_sd` (the dense public state dict), when given, lets a refusal name the shard that
+    holds the first tensor that differs.
+    """
+    hf_dir = Path(hf_dir)
+    ck = open_hf_dir(hf_dir)
+    cfg = ck.cfg
+    if cfg.num_experts != 2:
+        raise CheckpointError(f"{hf_dir / HF_CONFIG}: {ck.architecture} with num_experts={cfg.num_experts}; merge takes "
+                              "2-expert FlexOlmo checkpoints (public expert + one owner's) or expert packages")
+    native = ck.native()
+    with FilePool() as pool:
+        fp = stream_fingerprint(native, pool)
+        if fp != public_fingerprint:
+            where = _first_difference(native, public_sd, pool) if public_sd is not None else None
+            at = where or (hf_dir / (INDEX if (hf_dir / INDEX).is_file() else SINGLE))
+            raise CheckpointError(f"{at}: shared tensors or expert 0 differ from the public model (fingerprint "
+                                  f"{fp[:12]}... vs {public_fingerprint[:12]}...); it was not branched from this public model")
+        tensors: dict[str, torch.Tensor] = {}
+        for i in range(cfg.num_layers):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                tensors[f"layers.{i}.{name}"] = pool.read(native[f"layers.{i}.ffn.experts.{name}"][1])
+            tensors[f"layers.{i}.router"] = pool.read(native[f"layers.{i}.ffn.router.weight"][1])
+        # HF has no domain centroids; branch takes them from the layer-0 router rows, so do the same.
+        tensors["domain_embedding"] = tensors["layers.0.router"].float()
+    named = listed_expert_names(hf_dir, 2)
+    # Unnamed checkpoints take the directory's name, so two of them in one merge stay distinct.
+    owner = named[1] if named else {"owner": hf_dir.name, "domain": hf_dir.name}
+    manifest = {
+        "format": FORMAT, "owner": owner["owner"], "domain": owner["domain"],
+        "licence": owner.get("licence", "unspecified"), "base_fingerprint": fp,
+        "tokens_seen": owner.get("tokens_seen"), "dp": owner.get("dp"),
+        "shape": {"num_layers": cfg.num_layers, "d_model": cfg.d_model, "d_ff": cfg.d_ff},
+        "router_bias": False, "files": {}, "source_format": "hf", "architecture": ck.architecture,
+    }
+    return manifest, tensors
+
+
+def read_hf_public(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """A dense Olmo2 directory as merge's public model: (cfg, native state dict, meta with its fingerprint)."""
+    from flexmoe.flex.fingerprint import fingerprint
+
+    ck = open_hf_dir(hf_dir)
+    if ck.cfg.is_moe:
+        raise CheckpointError(f"{Path(hf_dir) / HF_CONFIG}: merge takes the dense public model, found "
+                              f"{ck.architecture} with num_experts={ck.cfg.num_experts}")
+    with FilePool() as pool:
+        sd = {k: pool.read(t) for k, t in ck.native().items()}
+    return ck.cfg, sd, {"kind": "public", "fingerprint": fingerprint(sd)}
+
+
+def _first_difference(native: dict[str, LazyTensor], public_sd: dict[str, torch.Tensor], pool: FilePool) -> Path | None:
+    """The file holding the first anchor tensor that differs from the public model's."""
+    from flexmoe.flex.fingerprint import anchor_view
+
+    for k, t in sorted(anchor_view(native).items()):
+        ref = public_sd.get(k)
+        if ref is None or ref.dtype != t.dtype or tuple(ref.shape) != t.shape or not torch.equal(pool.read(t), ref):
+            return t.path
+    return None

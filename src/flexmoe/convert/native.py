@@ -1,0 +1,50 @@
+"""Native model directories as lazy tensors: opened with every check, written streaming.
+
+The same layout as `safetensors_io.save_model_dir` (config.json, model.safetensors with experts
+stacked `[E, ...]`, flexmoe.json with file sha256s), for models too large to hold in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flexmoe.config.model import ModelConfig
+from flexmoe.convert.hf import NATIVE_ONLY, native_shapes
+from flexmoe.convert.safetensors_io import CONFIG, META, WEIGHTS, CheckpointError, read_json, sha256_file, verify_files, write_json
+from flexmoe.convert.stream import FilePool, LazyTensor, read_header, write_file
+
+
+def open_native(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict[str, LazyTensor], dict[str, Any]]:
+    """Config, lazy tensors and meta of a native directory; sha256s, key set and shapes checked."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory (expected a flexmoe model directory)")
+    if not (src / CONFIG).is_file() and (src / "manifest.json").is_file():
+        raise CheckpointError(f"{src}: is an expert package, not a model; merge it with the public model first")
+    meta = read_json(src / META) if (src / META).is_file() else {}
+    if verify:
+        verify_files(src, meta)
+    try:
+        cfg = ModelConfig.load(src / CONFIG)
+    except ValueError as e:
+        raise CheckpointError(str(e).splitlines()[0] + "; for a Hugging Face directory use `flexmoe import-hf`") from e
+    tensors, _ = read_header(src / WEIGHTS)
+    want = native_shapes(cfg)
+    missing = sorted(set(want) - set(tensors) - set(NATIVE_ONLY))
+    extra = sorted(set(tensors) - set(want))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has unexpected tensor {extra[0]}"
+        raise CheckpointError(f"{src / WEIGHTS}: {what} for the model {src / CONFIG} describes")
+    for k, shape in want.items():
+        if k in tensors and tensors[k].shape != shape:
+            raise CheckpointError(f"{src / WEIGHTS}: {k} has shape {list(tensors[k].shape)}, {src / CONFIG} implies {list(shape)}")
+    return cfg, tensors, meta
+
+
+def write_native(tmp: Path, cfg: ModelConfig, tensors: dict[str, LazyTensor], meta: dict[str, Any], pool: FilePool,
+                 progress=None) -> None:
+    """Write a native directory's files into `tmp` (the caller's `atomic_dir`); meta gains file sha256s."""
+    weights_sha = write_file(tmp / WEIGHTS, tensors, pool, metadata={"format": "pt"}, progress=progress)
+    cfg.save(tmp / CONFIG)
+    write_json(tmp / META, dict(meta, files={WEIGHTS: weights_sha, CONFIG: sha256_file(tmp / CONFIG)}))

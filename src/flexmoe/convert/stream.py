@@ -1,0 +1,244 @@
+"""Streaming safetensors: tensors described as byte spans of files, copied to new files chunk by chunk.
+
+Every conversion here (import-hf, export-hf, remove-expert) only re-arranges bytes: an HF
+per-expert tensor is one slot of a native stacked `[E, ...]` tensor and a stacked tensor is its
+experts' bytes back to back. So an output tensor is a list of byte spans of its inputs, copied
+in fixed-size chunks: memory stays at one chunk whatever the model size. Files are read with
+plain reads, not memory-mapped, because mapped pages count as resident memory for as long as a
+file stays open. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from flexmoe.convert.safetensors_io import CheckpointError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CHUNK = 1 << 24  # 16 MiB: enough for full disk speed, negligible next to any real model
+MAX_HEADER = 100 << 20  # a header beyond this is a corrupt length field, not a real model
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes [start, start + length) of one file."""
+
+    path: Path
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor whose C-order bytes are the concatenation of `spans`; nothing is read until asked."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    spans: tuple[Span, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.length for s in self.spans)
+
+    @property
+    def path(self) -> Path:
+        """The file holding the first byte (for error messages)."""
+        return self.spans[0].path
+
+    def rows(self, start: int, stop: int) -> "LazyTensor":
+        """Rows [start, stop) along dim 0."""
+        n = self.shape[0]
+        if not 0 <= start < stop <= n:
+            raise IndexError(f"rows {start}:{stop} out of range for dim 0 of size {n}")
+        row = self.nbytes // n
+        return LazyTensor(self.dtype, (stop - start,) + self.shape[1:], _cut(self.spans, start * row, (stop - start) * row))
+
+    def __getitem__(self, j: int) -> "LazyTensor":
+        """Slot j along dim 0 (so `fingerprint.anchor_view`'s `v[0]` works on lazy tensors)."""
+        r = self.rows(j, j + 1)
+        return LazyTensor(self.dtype, self.shape[1:], r.spans)
+
+
+def stack(parts: list[LazyTensor]) -> LazyTensor:
+    """Lazy `torch.stack(parts)`: the parts' bytes back to back; all must agree in dtype and shape."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.dtype != first.dtype or p.shape != first.shape:
+            raise CheckpointError(f"{p.path}: a tensor has {p.dtype} {p.shape} where its sibling in {first.path} "
+                                  f"has {first.dtype} {first.shape}; experts of one layer must agree")
+    return LazyTensor(first.dtype, (len(parts),) + first.shape, tuple(s for p in parts for s in p.spans))
+
+
+def _cut(spans: tuple[Span, ...], offset: int, length: int) -> tuple[Span, ...]:
+    out: list[Span] = []
+    for s in spans:
+        if length == 0:
+            break
+        if offset >= s.length:
+            offset -= s.length
+            continue
+        take = min(s.length - offset, length)
+        out.append(Span(s.path, s.start + offset, take))
+        offset, length = 0, length - take
+    return tuple(out)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_header(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """Tensors and `__metadata__` of a safetensors file, with the header checked against the file size."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= min(size - 8, MAX_HEADER):
+            raise CheckpointError(f"{path}: not a safetensors file (bad header length); re-download or re-save it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}); re-download or re-save it") from e
+    meta = header.pop("__metadata__", None) or {}
+    base, out, end = 8 + n, {}, 0
+    try:
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, e in entries:
+            dtype = DTYPES.get(e["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
+            shape = tuple(int(d) for d in e["shape"])
+            lo, hi = (int(x) for x in e["data_offsets"])
+            if lo != end or hi - lo != math.prod(shape) * dtype.itemsize:
+                raise CheckpointError(f"{path}: tensor {name} has inconsistent offsets {lo}:{hi}; the header is corrupt")
+            out[name], end = LazyTensor(dtype, shape, (Span(path, base + lo, hi - lo),)), hi
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: malformed safetensors header ({e!r}); re-download or re-save it") from e
+    if base + end != size:
+        what = "truncated" if base + end > size else "longer than its header says"
+        raise CheckpointError(f"{path}: {what}: the header needs {base + end} bytes, the file has {size}; "
+                              "re-download or re-save it")
+    return out, meta
+
+
+class FilePool:
+    """Open read handles by path, closed together; one reusable chunk buffer."""
+
+    def __init__(self, chunk: int = CHUNK):
+        self._files: dict[Path, Any] = {}
+        self._buf = bytearray(chunk)
+
+    def __enter__(self) -> "FilePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def _file(self, path: Path):
+        if path not in self._files:
+            self._files[path] = open(path, "rb")
+        return self._files[path]
+
+    def chunks(self, t: LazyTensor, align: int = 1) -> Iterator[memoryview]:
+        """The tensor's bytes, in views valid until the next one; each a multiple of `align` bytes."""
+        step = len(self._buf) // align * align
+        view = memoryview(self._buf)
+        for s in t.spans:
+            f, done = self._file(s.path), 0
+            while done < s.length:
+                # Spans of tensors are whole elements, so every chunk stays aligned.
+                want = min(step, s.length - done)
+                f.seek(s.start + done)
+                got = f.readinto(view[:want])
+                if got != want:
+                    raise CheckpointError(f"{s.path}: ended early while reading; the file changed or is truncated")
+                done += got
+                yield view[:got]
+
+    def read(self, t: LazyTensor) -> torch.Tensor:
+        """The whole tensor in memory (for small tensors, or one expert slot)."""
+        out = torch.empty(t.nbytes, dtype=torch.uint8)
+        buf, pos = out.numpy(), 0
+        for s in t.spans:
+            f = self._file(s.path)
+            f.seek(s.start)
+            if f.readinto(memoryview(buf)[pos:pos + s.length]) != s.length:
+                raise CheckpointError(f"{s.path}: ended early while reading; the file changed or is truncated")
+            pos += s.length
+        return out.view(t.dtype).reshape(t.shape)
+
+    def digest(self, t: LazyTensor) -> str:
+        h = hashlib.sha256()
+        for c in self.chunks(t):
+            h.update(c)
+        return h.hexdigest()
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def out_dtype(t: LazyTensor, cast: torch.dtype | None) -> torch.dtype:
+    """`cast` applies to floating-point tensors only."""
+    return cast if cast is not None and t.dtype.is_floating_point else t.dtype
+
+
+def out_nbytes(t: LazyTensor, cast: torch.dtype | None) -> int:
+    return math.prod(t.shape) * out_dtype(t, cast).itemsize
+
+
+def write_file(path: str | Path, tensors: dict[str, LazyTensor], pool: FilePool, *, cast: torch.dtype | None = None,
+               metadata: dict[str, str] | None = None, progress=None) -> str:
+    """Write `tensors` (in dict order) as one safetensors file; returns the file's sha256."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    pos = 0
+    for name, t in tensors.items():
+        size = out_nbytes(t, cast)
+        header[name] = {"dtype": DTYPE_NAMES[out_dtype(t, cast)], "shape": list(t.shape), "data_offsets": [pos, pos + size]}
+        pos += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for block in (struct.pack("<Q", len(raw)), raw):
+            f.write(block)
+            h.update(block)
+        for t in tensors.values():
+            dst = out_dtype(t, cast)
+            for c in pool.chunks(t, align=t.dtype.itemsize):
+                if dst != t.dtype:
+                    c = torch.frombuffer(c, dtype=t.dtype).to(dst).view(torch.uint8).numpy()
+                f.write(c)
+                h.update(c)
+                if progress is not None:
+                    progress.advance(len(c))
+    return h.hexdigest()
+
+
+def stream_fingerprint(tensors: dict[str, LazyTensor], pool: FilePool) -> str:
+    """`flexmoe.flex.fingerprint.fingerprint` of a native state dict, computed without loading it."""
+    from flexmoe.flex.fingerprint import anchor_view
+
+    h = hashlib.sha256()
+    for k, v in sorted(anchor_view(tensors).items()):
+        # Same record as fingerprint(): "name|dtype|shape\n" then the raw bytes.
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}\n".encode())
+        for c in pool.chunks(v):
+            h.update(c)
+    return h.hexdigest()

@@ -1,0 +1,44 @@
+"""FSDP2 (`fully_shard`) per block, embedding and head, with a mixed-precision policy.
+
+Frozen parameters (requires_grad False: the anchor expert, and attention, embeddings and norms
+in the expert_anchor stage) are sharded for memory and all-gathered for compute, but FSDP2
+reduces only gradients that exist, so they are never reduce-scattered, and the optimizer is
+built from trainable parameters only, so they get no optimizer state.
+
+Under expert parallelism each block's experts form their own FSDP unit on the expert-data-
+parallel axes (ranks holding the same experts), sharded on dim 1 because dim 0 belongs to ep.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+
+from flexmoe.model.moe import MoE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: str = "fp32", reduce_dtype: str = "fp32",
+               expert_mesh: DeviceMesh | None = None, num_dp: int = 1) -> None:
+    """Shard `model` over `dp_mesh` (1D FSDP, or 2D (replicate, shard) HSDP).
+
+    `expert_mesh`: with expert parallelism, the (dp_replicate, edp) mesh for expert weights;
+    their gradients are summed over the ep ranks' tokens by the all-to-all already, so the
+    reduction divides by the whole data-parallel size `num_dp`, not by the expert mesh's size.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    for block in model.layers:
+        if expert_mesh is not None and isinstance(block.ffn, MoE):
+            experts = block.ffn.experts
+            fully_shard(experts, mesh=expert_mesh, mp_policy=mp, shard_placement_fn=lambda p: Shard(1))
+            experts.set_gradient_divide_factor(float(num_dp))
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model.embed, mesh=dp_mesh, mp_policy=mp)
+    # The final norm and head run back to back: one unit, one all-gather. Not resharded after
+    # forward because backward needs them first.
+    fully_shard([model.norm, model.lm_head], mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)

@@ -1,0 +1,140 @@
+"""Parallel degrees -> a validated layout -> one DeviceMesh with named axes.
+
+Mesh axes, outermost first: `dp_replicate` (HSDP replicas), `edp` and `ep` (together the
+`dp_shard` axis: expert parallelism borrows ranks from it, as in torchtitan), `tp`. Flattened
+axes: `dp_shard` = edp x ep (FSDP of dense weights), `dp` = dp_replicate x dp_shard (the ranks
+that read different data).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from flexmoe.config.model import ModelConfig
+from flexmoe.config.parallel import AC_MODES, DTYPES, ENGINES, ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    ep: int
+    world_size: int
+
+    @property
+    def dp(self) -> int:
+        """Ranks that read different data."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def edp(self) -> int:
+        """Expert data parallel: the dp_shard ranks that hold the same experts."""
+        return self.dp_shard // self.ep
+
+
+def _fail(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None = None) -> ParallelDims:
+    """Check `cfg` against the world size and the model; refuse impossible layouts naming the setting."""
+    _fail(cfg.engine in ENGINES, f"parallel.engine={cfg.engine!r} is not one of {'|'.join(ENGINES)}")
+    _fail(cfg.ac in AC_MODES, f"parallel.ac={cfg.ac!r} is not one of {'|'.join(AC_MODES)}")
+    _fail(cfg.ac_every >= 1, f"parallel.ac_every={cfg.ac_every} must be >= 1")
+    for key in ("param_dtype", "reduce_dtype"):
+        _fail(getattr(cfg, key) in DTYPES, f"parallel.{key}={getattr(cfg, key)!r} is not one of {'|'.join(DTYPES)}")
+    _fail(cfg.backend in ("auto", "nccl", "gloo"), f"parallel.backend={cfg.backend!r} is not auto|nccl|gloo")
+    for key in ("dp_replicate", "tp", "ep"):
+        _fail(getattr(cfg, key) >= 1, f"parallel.{key}={getattr(cfg, key)} must be >= 1")
+    _fail(cfg.dp_shard >= 1 or cfg.dp_shard == -1, f"parallel.dp_shard={cfg.dp_shard} must be >= 1 or -1 (the rest)")
+    fixed = cfg.dp_replicate * cfg.tp
+    if cfg.dp_shard == -1:
+        _fail(world_size % fixed == 0, f"world size {world_size} is not divisible by parallel.dp_replicate="
+                                       f"{cfg.dp_replicate} x parallel.tp={cfg.tp}; launch a multiple of {fixed} processes")
+        dp_shard = world_size // fixed
+    else:
+        dp_shard = cfg.dp_shard
+        _fail(fixed * dp_shard == world_size,
+              f"parallel.dp_replicate={cfg.dp_replicate} x dp_shard={dp_shard} x tp={cfg.tp} = {fixed * dp_shard} "
+              f"but the world size is {world_size}; set parallel.dp_shard=-1 or launch {fixed * dp_shard} processes")
+    _fail(dp_shard % cfg.ep == 0, f"parallel.ep={cfg.ep} does not divide dp_shard={dp_shard} (expert parallelism "
+                                  f"borrows ranks from the sharded data-parallel axis); lower parallel.ep")
+    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.ep, world_size)
+    if cfg.engine == "deepspeed":
+        _fail(cfg.tp == 1 and cfg.ep == 1 and cfg.dp_replicate == 1,
+              f"parallel.engine=deepspeed supports data parallelism only (ZeRO 1/2/3); got tp={cfg.tp}, "
+              f"ep={cfg.ep}, dp_replicate={cfg.dp_replicate}: use parallel.engine=fsdp for tp/ep/HSDP")
+        _fail(not cfg.compile, "parallel.compile=true is not supported with parallel.engine=deepspeed; use engine=fsdp")
+        _fail(cfg.zero_stage in (None, 1, 2, 3), f"parallel.zero_stage={cfg.zero_stage} is not 1, 2 or 3")
+    if model is not None:
+        _check_model(dims, model)
+    return dims
+
+
+def _check_model(dims: ParallelDims, m: ModelConfig) -> None:
+    tp, ep = dims.tp, dims.ep
+    if tp > 1:
+        _fail(m.num_heads % tp == 0, f"parallel.tp={tp} does not divide model.num_heads={m.num_heads}")
+        _fail(m.kv_heads % tp == 0, f"parallel.tp={tp} does not divide model.num_kv_heads={m.kv_heads}")
+        _fail(m.d_ff % tp == 0, f"parallel.tp={tp} does not divide model.d_ff={m.d_ff}")
+    if ep > 1:
+        _fail(m.is_moe, f"parallel.ep={ep} needs an MoE model (model.num_experts > 0)")
+        _fail(m.num_experts % ep == 0, f"parallel.ep={ep} does not divide model.num_experts={m.num_experts}")
+        # FSDP shards expert weights on dim 1 over the expert-data-parallel ranks (dim 0 is ep's).
+        _fail(m.d_ff % (tp * dims.edp) == 0 and m.d_model % dims.edp == 0,
+              f"model.d_ff={m.d_ff} (over tp={tp}) and model.d_model={m.d_model} must divide by the "
+              f"{dims.edp} expert-data-parallel ranks (dp_shard / ep)")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size), (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: ParallelConfig) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1). True when this call created it,
+    so the caller knows to destroy it; an existing group (tests, notebooks) is used as is."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_device())
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
+    return True
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
+    """The world mesh (None for one process), with the flattened `dp_shard` and `dp` axes made."""
+    if dims.world_size == 1:
+        return None
+    mesh = init_device_mesh(device_type, (dims.dp_replicate, dims.edp, dims.ep, dims.tp),
+                            mesh_dim_names=("dp_replicate", "edp", "ep", "tp"))
+    mesh["edp", "ep"]._flatten("dp_shard")
+    mesh["dp_replicate", "edp", "ep"]._flatten("dp")
+    return mesh
+
+
+def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """This rank's slice of the global batch: tp ranks of one group read the same data."""
+    if mesh is None:
+        return 0, 1
+    dp = mesh["dp"]
+    return dp.get_local_rank(), dp.size()

@@ -1,0 +1,73 @@
+"""Routing policies of merged models: opt-out stays exact, document routing is causal and
+reproduces an owner's own model when it picks that owner."""
+
+import pytest
+import torch
+
+from flexmoe.convert.safetensors_io import load_model
+from flexmoe.flex.merge import merge
+from flexmoe.flex.optout import expert_mask
+from helpers import TINY, make_packages, make_public, make_trained_anchor
+
+DOMAINS = ["code", "legal", "math"]
+
+
+def _tokens(seed=0, shape=(3, 24)):
+    return torch.randint(0, TINY.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("routing", ["anchor_top1", "anchor_doc"])
+def test_opt_out_exact_under_policy(tmp_path, routing):
+    public = make_public(tmp_path)
+    pkgs = make_packages(tmp_path, public, DOMAINS)
+    full, _, meta = load_model(merge(public, pkgs, tmp_path / "all", routing=routing))
+    tokens = _tokens()
+    for dropped in DOMAINS:
+        kept = [p for p in pkgs if p.name != f"pkg-{dropped}"]
+        without, _, _ = load_model(merge(public, kept, tmp_path / f"w-{dropped}", routing=routing))
+        with torch.no_grad():
+            got = full(tokens, expert_mask(meta["experts"], [dropped])).logits
+            torch.testing.assert_close(got, without(tokens).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_document_routing_reproduces_the_owners_model(tmp_path):
+    public = make_public(tmp_path)
+    pkgs = make_packages(tmp_path, public, DOMAINS)
+    merged, cfg, _ = load_model(merge(public, pkgs, tmp_path / "m", routing="anchor_doc"))
+    tokens = _tokens(1)
+    for j, d in enumerate(DOMAINS, start=1):
+        # put owner d's centroid at the origin and the others far away: every token picks d
+        with torch.no_grad():
+            merged.domain_centroids.fill_(1e3)
+            merged.domain_centroids[j] = 0.0
+        owner, _, _ = load_model(tmp_path / f"trained-{d}")
+        with torch.no_grad():
+            torch.testing.assert_close(merged(tokens).logits, owner(tokens).logits, atol=1e-5, rtol=1e-5)
+    # public centroid nearest: anchor only, i.e. the public model
+    dense, _, _ = load_model(public)
+    with torch.no_grad():
+        merged.domain_centroids.fill_(1e3)
+        merged.domain_centroids[0] = 0.0
+        torch.testing.assert_close(merged(tokens).logits, dense(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_document_routing_is_causal(tmp_path):
+    public = make_public(tmp_path)
+    merged, _, _ = load_model(merge(public, make_packages(tmp_path, public, DOMAINS), tmp_path / "m",
+                                    routing="anchor_doc"))
+    a = _tokens(2, (2, 30))
+    b = a.clone()
+    b[:, 20:] = _tokens(3, (2, 10))
+    with torch.no_grad():
+        la, lb = merged(a).logits, merged(b).logits
+    assert torch.equal(la[:, :20], lb[:, :20])
+    assert not torch.equal(la[:, 20:], lb[:, 20:])
+
+
+def test_anchor_top1_equals_topk_on_two_experts(tmp_path):
+    public = make_public(tmp_path)
+    trained = make_trained_anchor(tmp_path, public, "code", seed=7)
+    a, cfg, _ = load_model(trained)
+    b, _, _ = load_model(trained, routing="anchor_top1")
+    with torch.no_grad():
+        torch.testing.assert_close(a(_tokens()).logits, b(_tokens()).logits, atol=1e-6, rtol=1e-6)

@@ -1,0 +1,77 @@
+"""Spawn gloo ranks on CPU from inside a test (OLMo-core's run_distributed_test, our way).
+
+Ranks are forked from the test process (no re-import, so a 2-rank test costs well under a
+second of start-up) and run with one torch thread each: forking after OpenMP has run is safe
+only when the child stays single-threaded, and 2 cores are shared by all ranks anyway.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import io
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank: int, world_size: int, port: int, queue, timeout: float, args) -> None:
+    # A rank stuck in a collective prints where it is stuck instead of hanging silently.
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), GLOO_SOCKET_IFNAME="lo",
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
+        result = fn(rank, world_size, *args)
+        buf = io.BytesIO()
+        torch.save(result, buf)  # tensors by value: a shared-memory handle would die with this process
+        queue.put((rank, None, buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit from a test helper
+        queue.put((rank, traceback.format_exc(), None))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        queue.close()
+        queue.join_thread()  # flush the result through the pipe before the hard exit below
+        os._exit(0)  # skip atexit handlers inherited from pytest
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 180) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; returns each rank's result."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, timeout - 5, args)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, err, payload = queue.get(timeout=timeout)
+            if err:
+                errors.append(f"rank {rank}:\n{err}")
+                break  # the others are likely stuck in a collective: stop waiting
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
