@@ -27,6 +27,12 @@ def conf_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "conf"
 
 
+def load_config_of(model_dir: str):
+    from flexmoe.config.model import ModelConfig
+
+    return ModelConfig.load(Path(model_dir) / "config.json")
+
+
 def cmd_train(argv: list[str]) -> int:
     """`flexmoe train`: a Hydra app over RunConfig; `--dry-run` prints sizes and exits."""
     import hydra
@@ -41,11 +47,28 @@ def cmd_train(argv: list[str]) -> int:
 
     @hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)
     def _main(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
         from flexmoe.train.trainer import train
 
-        if cfg.dry_run:
-            print(OmegaConf.to_yaml(cfg))
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:  # a sweep: each job trains in its own numbered directory
+            cfg.out_dir = hc.runtime.output_dir
+
         try:
+            if cfg.dry_run:
+                from flexmoe.config.model import ModelConfig
+                from flexmoe.train.dry_run import dry_run, format_dry_run
+
+                print(OmegaConf.to_yaml(cfg))
+                mcfg = (load_config_of(cfg.init_from) if cfg.init_from else
+                        ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
+                info = dry_run(cfg, mcfg)
+                print(format_dry_run(info))
+                print(json.dumps(info, indent=1))
+                result.update(info)
+                return
             out = train(cfg)
         except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, not a traceback
             if os.environ.get("FLEXMOE_DEBUG"):
@@ -222,16 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    commands = _all_commands()
+    # Only import the conversion commands (and torch with them) when they are asked for, so a
+    # bad `flexmoe train` override is refused before any heavy import.
+    commands = COMMANDS if argv[0] in COMMANDS else _all_commands()
     cmd = commands.get(argv[0])
     if cmd is None:
         print(f"flexmoe: unknown command {argv[0]!r}; choose from {', '.join(commands)}", file=sys.stderr)
         return 2
-    from flexmoe.convert.safetensors_io import CheckpointError
-
     try:
         return cmd(argv[1:])
-    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:  # CheckpointError and DataError are ValueErrors
         if os.environ.get("FLEXMOE_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -61,6 +61,8 @@ class Transformer(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if p.is_meta:  # shape-only models (dry runs of 30B+ layouts) hold no values
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith("router.bias"):
