@@ -23,7 +23,10 @@ class FreezePlan:
     train_router: bool = True
 
 
-SHARED = ["embed.*", "lm_head.*", "norm.*", "layers.*.attn.*", "layers.*.attn_norm.*", "layers.*.ffn_norm.*"]
+EMBEDDINGS = ["embed.*", "lm_head.*"]
+NORMS = ["norm.*", "layers.*.attn_norm.*", "layers.*.ffn_norm.*"]
+ATTENTION = ["layers.*.attn.*"]
+SHARED = EMBEDDINGS + NORMS + ATTENTION
 
 PLANS = {
     "none": FreezePlan("none"),
@@ -31,6 +34,11 @@ PLANS = {
     "expert_anchor": FreezePlan("expert_anchor", list(SHARED), frozen_experts=1, frozen_router_rows=1),
     # Router tuning: only router rows (and biases) train.
     "router_tune": FreezePlan("router_tune", list(SHARED) + ["layers.*.ffn.experts.*"]),
+    # BAR's progressive unfreezing. The anchor expert and the public router row stay frozen in
+    # every stage: they are what keeps independently trained experts compatible.
+    "midtrain": FreezePlan("midtrain", list(SHARED), frozen_experts=1, frozen_router_rows=1),
+    "sft": FreezePlan("sft", NORMS + ATTENTION, frozen_experts=1, frozen_router_rows=1),
+    "rl_unfrozen": FreezePlan("rl_unfrozen", [], frozen_experts=1, frozen_router_rows=1),
 }
 
 
