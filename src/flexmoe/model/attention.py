@@ -35,14 +35,16 @@ class Attention(nn.Module):
             raise ValueError("model.attn_impl=flash but flash_attn is not importable; use model.attn_impl=auto")
         self.impl = cfg.attn_impl
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """`doc_ids_BS` (packed examples): attention stays inside each example (document masking)."""
         B, S, _ = x_BSD.shape
         q = self.q_norm(self.q_proj(x_BSD)).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x_BSD)).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         use_flash = (
-            _flash_attn_func is not None and x_BSD.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            doc_ids_BS is None and _flash_attn_func is not None and x_BSD.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and self.impl in ("auto", "flash")
         )
         if use_flash:  # pragma: no cover - GPU only
@@ -52,11 +54,19 @@ class Attention(nn.Module):
             if self.num_kv_heads != self.num_heads:
                 rep = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            allowed = None
+            if doc_ids_BS is not None:
+                causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+                allowed = (doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :]) & causal  # [B, S, S]
+                allowed = allowed[:, None]
             if self.impl == "eager":
                 scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-                causal = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
-                p = scores.masked_fill(causal, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+                if allowed is None:
+                    allowed = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+                p = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
                 o = p @ v
+            elif allowed is not None:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             o_BSq = o.transpose(1, 2).reshape(B, S, -1)

@@ -33,8 +33,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe else DenseFFN(cfg.d_model, cfg.d_ff)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_impl)
 
-    def attend(self, x, cos, sin):
-        return x + self.attn_norm(self.attn(x, cos, sin))
+    def attend(self, x, cos, sin, doc_ids=None):
+        return x + self.attn_norm(self.attn(x, cos, sin, doc_ids))
 
     def feed(self, h, expert_mask=None, choice=None):
         ffn_out = self.ffn(h, expert_mask, choice) if isinstance(self.ffn, MoE) else self.ffn(h)
@@ -104,12 +104,14 @@ class Transformer(nn.Module):
         *,
         capture_hidden: bool = False,
         last_hidden_only: bool = False,
+        doc_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits `[B, S, V]` in the activation dtype.
 
         `expert_mask` (bool `[E]`, False = switched off) masks router logits to -inf: the opt-out.
         `capture_hidden` records each block's FFN input (the router's input) for router embeddings.
         `last_hidden_only` skips the LM head and returns the final normed hidden state as logits.
+        `doc_ids` `[B, S]` keeps attention inside each packed example.
         """
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
@@ -117,7 +119,7 @@ class Transformer(nn.Module):
         captured: list[torch.Tensor] | None = [] if capture_hidden else None
         choice = None
         for i, block in enumerate(self.layers):
-            h = block.attend(x, cos, sin)
+            h = block.attend(x, cos, sin, doc_ids)
             if captured is not None:
                 captured.append(h)
             if i == 0 and self.cfg.is_moe and self.cfg.routing == "anchor_doc":
