@@ -58,3 +58,10 @@ def test_dry_run_anchor_stage_trains_one_expert():
     ratio = info["memory_per_device_gib"]["grads_and_optimizer"] / full["memory_per_device_gib"]["grads_and_optimizer"]
     assert abs(ratio - info["params_trainable"] / full["params_trainable"]) < 1e-9
     assert ratio < 0.4
+
+
+def test_freeze_plan_names_match():
+    from flexmoe.config.train import FREEZE_PLAN_NAMES
+    from flexmoe.flex.freeze import PLANS
+
+    assert sorted(FREEZE_PLAN_NAMES) == sorted(PLANS)

@@ -50,8 +50,12 @@ def cmd_train(argv: list[str]) -> int:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from flexmoe.train.trainer import train
+        from flexmoe.config.train import FREEZE_PLAN_NAMES
 
+        if cfg.stage.freeze not in FREEZE_PLAN_NAMES:
+            print(f"flexmoe train: error: stage.freeze={cfg.stage.freeze!r} is not one of "
+                  f"{', '.join(FREEZE_PLAN_NAMES)}", file=sys.stderr)
+            sys.exit(2)
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:  # a sweep: each job trains in its own numbered directory
             cfg.out_dir = hc.runtime.output_dir
@@ -69,6 +73,8 @@ def cmd_train(argv: list[str]) -> int:
                 print(json.dumps(info, indent=1))
                 result.update(info)
                 return
+            from flexmoe.train.trainer import train
+
             out = train(cfg)
         except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, not a traceback
             if os.environ.get("FLEXMOE_DEBUG"):
@@ -179,8 +185,11 @@ def cmd_merge(argv: list[str]) -> int:
     p.add_argument("--norm-topk-prob", action="store_true")
     p.add_argument("--routing", default="topk", choices=["topk", "anchor_top1", "anchor_doc"],
                    help="routing policy of the merged model (see model.routing)")
+    p.add_argument("--shared", default="public", choices=["public", "average"],
+                   help="shared tensors: the public copy (FlexOlmo) or the mean of the packages' copies (BAR)")
     a = p.parse_args(argv)
-    merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing)
+    merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing,
+          shared=a.shared)
     return 0
 
 

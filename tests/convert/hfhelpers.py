@@ -34,7 +34,10 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     model = Transformer(cfg)
     for name, p in model.named_parameters():
         p.copy_(1 + 0.1 * torch.randn(p.shape) if name.endswith("norm.weight") else 0.1 * torch.randn(p.shape))
-    return model.state_dict()
+    sd = model.state_dict()
+    if "domain_centroids" in sd:  # a buffer, not a parameter, but model state all the same
+        sd["domain_centroids"] = torch.randn(sd["domain_centroids"].shape)
+    return sd
 
 
 def make_native(root: Path, cfg: ModelConfig, seed: int = 0, name: str = "native") -> Path:
@@ -45,11 +48,12 @@ def make_native(root: Path, cfg: ModelConfig, seed: int = 0, name: str = "native
     return save_model_dir(root / name, cfg, sd, kind)
 
 
-def hf_model(cfg: ModelConfig, seed: int = 0):
+def hf_model(cfg: ModelConfig, seed: int = 0, **overrides):
     """A transformers Olmo2 / FlexOlmo model with random weights (std 0.1, norms near 1)."""
     import transformers
 
     hc = {k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hc.update(overrides)
     cls, model_cls = ((transformers.FlexOlmoConfig, transformers.FlexOlmoForCausalLM) if cfg.is_moe
                       else (transformers.Olmo2Config, transformers.Olmo2ForCausalLM))
     torch.manual_seed(seed)

@@ -68,15 +68,15 @@ def test_mixing_hf_and_package_inputs(tmp_path, world):
 
 
 def test_hf_public_model_input(tmp_path, world):
-    """A dense HF export of the public model works as merge's public input (same fingerprint)."""
+    """A dense HF export of the public model works as merge's public input, shipped router row included."""
     hf_public = export_hf(world["public"], tmp_path / "hf-public")
+    assert (hf_public / "flexmoe" / "router_public.safetensors").is_file()
     cfg, sd, meta = load_model_dir(merge(hf_public, [world["pkg-code"]], tmp_path / "m"))
     _, ref, _ = load_model_dir(merge(world["public"], [world["pkg-code"]], tmp_path / "ref"))
     assert meta["base_fingerprint"] == json.loads((world["public"] / "flexmoe.json").read_text())["fingerprint"]
-    # without the native public dir's shipped router row, the public row 0 is zeros; all else is identical
-    public_row = [k for k in sd if "router" in k or k == "domain_centroids"]
-    assert public_row and all(not sd[k][0].any() for k in public_row)
-    assert [k for k in sd if not torch.equal(sd[k][1:] if k in public_row else sd[k], ref[k][1:] if k in public_row else ref[k])] == []
+    assert sorted(sd) == sorted(ref)
+    assert [k for k in sd if not torch.equal(sd[k], ref[k])] == []
+    assert sd["layers.0.ffn.router.weight"][0].abs().sum() > 0  # the public row, not zeros
 
 
 def test_refuses_hf_anchor_of_another_public_model(tmp_path, capsys, world):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from flexmoe.cli import main as cli_main
 from flexmoe.convert.hf_export import export_hf
@@ -60,6 +60,18 @@ def test_hf_import_export_is_byte_identical(tmp_path, moe, dtype):
         assert meta["kind"] == want_kind
 
 
+def test_tied_embeddings_import_untied(tmp_path):
+    """A checkpoint saved with tied embeddings (no lm_head tensor) imports with the head = the embedding."""
+    cfg = random_config(2, moe=False, gqa=True)
+    model = hf_model(cfg, seed=5, tie_word_embeddings=True)
+    src = save_hf(model, tmp_path / "tied")
+    assert "lm_head.weight" not in hf_tensors(src)
+    ours, _, _ = load_model(import_hf(src, tmp_path / "native"))
+    tokens = _tokens(cfg.vocab_size, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(tokens).logits, model(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_single_file_import_equals_per_expert(tmp_path):
     """transformers-5's in-memory fused expert layout, saved as one file, imports to the same native tensors."""
     cfg = random_config(6, moe=True, gqa=False)
@@ -110,3 +122,25 @@ def test_export_bfloat16(tmp_path):
     assert got["model.layers.0.mlp.experts.1.up_proj.weight"][2] == w.view(torch.uint8).numpy().tobytes()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert hf.dtype == torch.bfloat16
+
+
+def test_native_round_trip_keeps_what_hf_cannot_hold(tmp_path):
+    """native -> HF -> native: every tensor (domain centroids included) and the public router row come back."""
+    from helpers import make_public
+
+    public = make_public(tmp_path)
+    cfg = random_config(12, moe=True, gqa=True)
+    native = make_native(tmp_path, cfg)
+    _, sd, _ = load_model_dir(native)
+    assert sd["domain_centroids"].abs().sum() > 0
+    for src in (public, native):
+        back = import_hf(export_hf(src, tmp_path / f"hf-{src.name}"), tmp_path / f"back-{src.name}")
+        _, a, meta_a = load_model_dir(src)
+        _, b, meta_b = load_model_dir(back)
+        assert sorted(a) == sorted(b)
+        assert [k for k in a if not torch.equal(a[k], b[k])] == []
+        if src == public:
+            rows = [load_file(str(d / m["router_embedding"]["router_public"]))["router_embedding"]
+                    for d, m in ((src, meta_a), (back, meta_b))]
+            assert torch.equal(rows[0], rows[1]) and meta_b["files"]["router_public.safetensors"]
+            assert meta_b["fingerprint"] == meta_a["fingerprint"]

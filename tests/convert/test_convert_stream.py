@@ -43,6 +43,21 @@ def test_many_shards_and_a_correct_index(tmp_path):
         assert size <= limit or len(keys) == 1, (shard.name, size, limit)
 
 
+def test_plain_copy_fallback_gives_the_same_files(tmp_path, monkeypatch):
+    """Where copy_file_range fails (some filesystems), reads and writes produce the same bytes."""
+    native = make_native(tmp_path, random_config(10, moe=True, gqa=True))
+    fast = export_hf(native, tmp_path / "fast", max_shard_size="16KB")
+
+    def unsupported(*a, **k):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    slow = export_hf(native, tmp_path / "slow", max_shard_size="16KB")
+    names = sorted(p.name for p in fast.iterdir() if p.is_file())
+    assert names == sorted(p.name for p in slow.iterdir() if p.is_file()) and len(names) > 4
+    assert [n for n in names if (fast / n).read_bytes() != (slow / n).read_bytes()] == []
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_stream_fingerprint_equals_fingerprint(tmp_path, moe):
     native = make_native(tmp_path, random_config(9, moe=moe, gqa=False))

@@ -30,6 +30,11 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+# The freeze plans of flexmoe.flex.freeze.PLANS, named here so the CLI can refuse a typo before
+# importing torch (tests/test_config.py keeps the two lists equal).
+FREEZE_PLAN_NAMES = ("none", "expert_anchor", "router_tune", "midtrain", "sft", "rl_unfrozen")
+
+
 @dataclass
 class StageConfig:
     name: str = "public_pretrain"

@@ -70,6 +70,9 @@ def open_hf_dir(path: str | Path) -> HFCheckpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
     hf = read_json(path / HF_CONFIG)
+    if hf_architecture(path) is None and (path / "flexmoe.json").is_file():
+        raise CheckpointError(f"{path / HF_CONFIG}: is a native flexmoe config, not a Hugging Face one; "
+                              "this directory needs no import (export-hf converts the other way)")
     try:
         cfg = config_from_hf(hf, source=str(path / HF_CONFIG))
     except (KeyError, TypeError) as e:
@@ -77,6 +80,8 @@ def open_hf_dir(path: str | Path) -> HFCheckpoint:
     except ValueError as e:
         raise CheckpointError(str(e)) from e
     tensors, where = _weights(path)
+    # Older saves may hold RoPE's inverse frequencies; they follow from the config, so drop them.
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     tensors = _unfuse(tensors, cfg, where)
     if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings") and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # tied head: exported untied

@@ -2,8 +2,8 @@
 
 The output loads with `transformers.AutoModelForCausalLM.from_pretrained` as FlexOlmoForCausalLM
 (or Olmo2ForCausalLM when dense), with experts stored one tensor each, as published FlexOlmo
-checkpoints are. flexmoe's own metadata (expert names, fingerprint) rides along in flexmoe.json,
-which transformers ignores and `import-hf` reads back.
+checkpoints are. flexmoe's own metadata (expert names, fingerprint) rides along in flexmoe.json and
+what HF has no tensor for in flexmoe/ (see extras.py); transformers ignores both, `import-hf` reads them back.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from flexmoe.convert.extras import write_extras
 from flexmoe.convert.hf import hf_config, key_pairs
 from flexmoe.convert.hf_dir import HF_CONFIG, INDEX, SINGLE, copy_tokenizer
 from flexmoe.convert.native import open_native
@@ -60,8 +61,9 @@ def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "
         with atomic_dir(dst, overwrite=overwrite) as tmp:
             progress = Progress(f"export-hf {src.name}", total)
             for name, keys in zip(names, shards):
+                # HF directories record no sha256s, so the output is not hashed (a 2 GB model saves ~1.5 s).
                 write_file(tmp / name, {k: hf[k] for k in keys}, pool, cast=cast, metadata={"format": "pt"},
-                           progress=progress)
+                           progress=progress, digest=False)
             if len(shards) > 1:
                 write_json(tmp / INDEX, {"metadata": {"total_size": total},
                                          "weight_map": dict(sorted((k, n) for n, keys in zip(names, shards) for k in keys))})
@@ -74,7 +76,9 @@ def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "
             tok = _tokenizer_dir(src, meta)
             if tok is not None:
                 copy_tokenizer(tok, tmp)
-            write_json(tmp / META, {k: v for k, v in meta.items() if k not in ("files", "tokenizer", "router_embedding")})
+            carried = write_extras(src, tmp, native, meta, pool)
+            write_json(tmp / META, {**{k: v for k, v in meta.items() if k not in ("files", "tokenizer", "router_embedding")},
+                                    **carried})
             progress.finish(f"{len(hf)} tensors in {len(shards)} shard(s) -> {dst}")
     return Path(dst)
 

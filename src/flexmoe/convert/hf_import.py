@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+from flexmoe.convert.extras import ROUTER_PUBLIC, read_extras
 from flexmoe.convert.hf_dir import copy_tokenizer, expert_names, open_hf_dir
 from flexmoe.convert.native import write_native
 from flexmoe.convert.progress import Progress
@@ -23,7 +25,8 @@ def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> P
     """
     src = Path(src)
     ck = open_hf_dir(src)
-    tensors = ck.native()
+    native_only, router_public = read_extras(src, ck.cfg)
+    tensors = dict(sorted({**ck.native(), **native_only}.items()))
     with FilePool() as pool, atomic_dir(dst, overwrite=overwrite) as tmp:
         # The fingerprint pass reads the shared tensors once more; it comes first so a
         # checkpoint that fails to read fails before anything is written.
@@ -39,7 +42,11 @@ def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> P
             meta.update(kind="public", fingerprint=fp)
         if copy_tokenizer(src, tmp / TOKENIZER_DIR):
             meta["tokenizer"] = {"type": "hf", "path": TOKENIZER_DIR}  # relative to the model directory
+        hashed: tuple[str, ...] = ()
+        if router_public is not None:  # the public row merge needs, carried by export-hf
+            shutil.copy2(router_public, tmp / ROUTER_PUBLIC)
+            meta["router_embedding"], hashed = {"router_public": ROUTER_PUBLIC}, (ROUTER_PUBLIC,)
         progress = Progress(f"import-hf {src.name}", sum(t.nbytes for t in tensors.values()))
-        write_native(tmp, ck.cfg, tensors, meta, pool, progress)
+        write_native(tmp, ck.cfg, tensors, meta, pool, progress, hashed=hashed)
         progress.finish(f"{len(tensors)} tensors -> {dst}")
     return Path(dst)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from flexmoe.config.model import ModelConfig
+from flexmoe.convert.extras import read_extras
 from flexmoe.convert.hf_dir import HF_CONFIG, INDEX, SINGLE, listed_expert_names, open_hf_dir
 from flexmoe.convert.safetensors_io import CheckpointError
 from flexmoe.convert.stream import FilePool, LazyTensor, stream_fingerprint
@@ -35,7 +36,8 @@ def read_hf_anchor(hf_dir: str | Path, public_fingerprint: str,
     if cfg.num_experts != 2:
         raise CheckpointError(f"{hf_dir / HF_CONFIG}: {ck.architecture} with num_experts={cfg.num_experts}; merge takes "
                               "2-expert FlexOlmo checkpoints (public expert + one owner's) or expert packages")
-    native = ck.native()
+    native_only, _ = read_extras(hf_dir, cfg)
+    native = {**ck.native(), **native_only}
     with FilePool() as pool:
         fp = stream_fingerprint(native, pool)
         if fp != public_fingerprint:
@@ -48,8 +50,10 @@ def read_hf_anchor(hf_dir: str | Path, public_fingerprint: str,
             for name in ("gate_proj", "up_proj", "down_proj"):
                 tensors[f"layers.{i}.{name}"] = pool.read(native[f"layers.{i}.ffn.experts.{name}"][1])
             tensors[f"layers.{i}.router"] = pool.read(native[f"layers.{i}.ffn.router.weight"][1])
-        # HF has no domain centroids; branch takes them from the layer-0 router rows, so do the same.
-        tensors["domain_embedding"] = tensors["layers.0.router"].float()
+        if "domain_centroids" in native:  # carried by our export-hf
+            tensors["domain_embedding"] = pool.read(native["domain_centroids"][1]).float()
+        else:  # another stack's checkpoint: branch takes the centroids from the layer-0 router rows, so do the same
+            tensors["domain_embedding"] = tensors["layers.0.router"].float()
     named = listed_expert_names(hf_dir, 2)
     # Unnamed checkpoints take the directory's name, so two of them in one merge stay distinct.
     owner = named[1] if named else {"owner": hf_dir.name, "domain": hf_dir.name}
@@ -73,7 +77,11 @@ def read_hf_public(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
                               f"{ck.architecture} with num_experts={ck.cfg.num_experts}")
     with FilePool() as pool:
         sd = {k: pool.read(t) for k, t in ck.native().items()}
-    return ck.cfg, sd, {"kind": "public", "fingerprint": fingerprint(sd)}
+    meta: dict[str, Any] = {"kind": "public", "fingerprint": fingerprint(sd)}
+    _, router_public = read_extras(Path(hf_dir), ck.cfg)
+    if router_public is not None:  # merge reads row 0 from here, relative to the directory
+        meta["router_embedding"] = {"router_public": str(router_public.relative_to(hf_dir))}
+    return ck.cfg, sd, meta
 
 
 def _first_difference(native: dict[str, LazyTensor], public_sd: dict[str, torch.Tensor], pool: FilePool) -> Path | None:

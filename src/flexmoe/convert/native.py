@@ -11,6 +11,7 @@ from typing import Any
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.convert.hf import NATIVE_ONLY, native_shapes
+from flexmoe.convert.hf_dir import hf_architecture
 from flexmoe.convert.safetensors_io import CONFIG, META, WEIGHTS, CheckpointError, read_json, sha256_file, verify_files, write_json
 from flexmoe.convert.stream import FilePool, LazyTensor, read_header, write_file
 
@@ -22,13 +23,17 @@ def open_native(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict
         raise CheckpointError(f"{src}: not a directory (expected a flexmoe model directory)")
     if not (src / CONFIG).is_file() and (src / "manifest.json").is_file():
         raise CheckpointError(f"{src}: is an expert package, not a model; merge it with the public model first")
+    arch = hf_architecture(src)
+    if arch is not None:
+        raise CheckpointError(f"{src / CONFIG}: is a Hugging Face config ({arch}), not a flexmoe one; "
+                              "`flexmoe import-hf` turns the directory into a native model")
     meta = read_json(src / META) if (src / META).is_file() else {}
     if verify:
         verify_files(src, meta)
     try:
         cfg = ModelConfig.load(src / CONFIG)
     except ValueError as e:
-        raise CheckpointError(str(e).splitlines()[0] + "; for a Hugging Face directory use `flexmoe import-hf`") from e
+        raise CheckpointError(str(e).splitlines()[0]) from e
     tensors, _ = read_header(src / WEIGHTS)
     want = native_shapes(cfg)
     missing = sorted(set(want) - set(tensors) - set(NATIVE_ONLY))
@@ -43,8 +48,10 @@ def open_native(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict
 
 
 def write_native(tmp: Path, cfg: ModelConfig, tensors: dict[str, LazyTensor], meta: dict[str, Any], pool: FilePool,
-                 progress=None) -> None:
-    """Write a native directory's files into `tmp` (the caller's `atomic_dir`); meta gains file sha256s."""
+                 progress=None, hashed: tuple[str, ...] = ()) -> None:
+    """Write a native directory's files into `tmp` (the caller's `atomic_dir`); meta gains the sha256s
+    of the weights, the config and the files named in `hashed` (already in `tmp`)."""
     weights_sha = write_file(tmp / WEIGHTS, tensors, pool, metadata={"format": "pt"}, progress=progress)
     cfg.save(tmp / CONFIG)
-    write_json(tmp / META, dict(meta, files={WEIGHTS: weights_sha, CONFIG: sha256_file(tmp / CONFIG)}))
+    files = {WEIGHTS: weights_sha, CONFIG: sha256_file(tmp / CONFIG), **{n: sha256_file(tmp / n) for n in hashed}}
+    write_json(tmp / META, dict(meta, files=files))

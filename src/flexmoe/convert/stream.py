@@ -3,9 +3,10 @@
 Every conversion here (import-hf, export-hf, remove-expert) only re-arranges bytes: an HF
 per-expert tensor is one slot of a native stacked `[E, ...]` tensor and a stacked tensor is its
 experts' bytes back to back. So an output tensor is a list of byte spans of its inputs, copied
-in fixed-size chunks: memory stays at one chunk whatever the model size. Files are read with
-plain reads, not memory-mapped, because mapped pages count as resident memory for as long as a
-file stays open. Nothing is ever unpickled.
+span by span (in the kernel with copy_file_range where it can, else in 16 MiB chunks): memory
+stays at one chunk whatever the model size. Files are read with plain reads, not memory-mapped,
+because mapped pages count as resident memory for as long as a file stays open. Nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from flexmoe.convert.safetensors_io import CheckpointError
+from flexmoe.convert.safetensors_io import CheckpointError, sha256_file
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,6 +31,7 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CHUNK = 1 << 24  # 16 MiB: enough for full disk speed, negligible next to any real model
+COPY_STEP = 1 << 26  # bytes per copy_file_range call: progress granularity, no memory cost
 MAX_HEADER = 100 << 20  # a header beyond this is a corrupt length field, not a real model
 
 
@@ -173,6 +176,31 @@ class FilePool:
                 done += got
                 yield view[:got]
 
+    def copy_into(self, t: LazyTensor, out) -> Iterator[int]:
+        """Append the tensor's bytes to raw file `out`, yielding bytes done per step.
+
+        Copies in the kernel with copy_file_range where it can: on a 2-core VM it was 3-9x
+        faster than passing the bytes through Python. Falls back to plain reads and writes.
+        """
+        fast = hasattr(os, "copy_file_range")
+        for s in t.spans:
+            done = 0
+            while fast and done < s.length:
+                try:
+                    n = os.copy_file_range(self._file(s.path).fileno(), out.fileno(), min(COPY_STEP, s.length - done),
+                                           s.start + done)
+                except OSError:  # e.g. a filesystem or kernel without it: the rest goes the slow way
+                    fast = False
+                    break
+                if n == 0:
+                    raise CheckpointError(f"{s.path}: ended early while reading; the file changed or is truncated")
+                done += n
+                yield n
+            if done < s.length:
+                for c in self.chunks(LazyTensor(torch.uint8, (s.length - done,), (Span(s.path, s.start + done, s.length - done),))):
+                    write_all(out, c)
+                    yield len(c)
+
     def read(self, t: LazyTensor) -> torch.Tensor:
         """The whole tensor in memory (for small tensors, or one expert slot)."""
         out = torch.empty(t.nbytes, dtype=torch.uint8)
@@ -203,9 +231,20 @@ def out_nbytes(t: LazyTensor, cast: torch.dtype | None) -> int:
     return math.prod(t.shape) * out_dtype(t, cast).itemsize
 
 
+def write_all(out, data) -> None:
+    """Write all of `data` to raw (unbuffered) file `out`, which may take partial writes."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[out.write(view):]
+
+
 def write_file(path: str | Path, tensors: dict[str, LazyTensor], pool: FilePool, *, cast: torch.dtype | None = None,
-               metadata: dict[str, str] | None = None, progress=None) -> str:
-    """Write `tensors` (in dict order) as one safetensors file; returns the file's sha256."""
+               metadata: dict[str, str] | None = None, progress=None, digest: bool = True) -> str | None:
+    """Write `tensors` (in dict order) as one safetensors file; returns its sha256 (None without `digest`).
+
+    The sha256 is taken by reading the file back (from the page cache), which costs less than
+    passing every byte through Python on the way in.
+    """
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     pos = 0
     for name, t in tensors.items():
@@ -214,21 +253,26 @@ def write_file(path: str | Path, tensors: dict[str, LazyTensor], pool: FilePool,
         pos += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        for block in (struct.pack("<Q", len(raw)), raw):
-            f.write(block)
-            h.update(block)
+    # Unbuffered, so kernel copies (copy_file_range) and our writes share one file position.
+    with open(path, "wb", buffering=0) as f:
+        write_all(f, struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
             dst = out_dtype(t, cast)
-            for c in pool.chunks(t, align=t.dtype.itemsize):
-                if dst != t.dtype:
-                    c = torch.frombuffer(c, dtype=t.dtype).to(dst).view(torch.uint8).numpy()
-                f.write(c)
-                h.update(c)
+            if dst == t.dtype:
+                steps: Iterator[int] = pool.copy_into(t, f)
+            else:
+                steps = _cast_into(t, dst, pool, f)
+            for n in steps:
                 if progress is not None:
-                    progress.advance(len(c))
-    return h.hexdigest()
+                    progress.advance(n)
+    return sha256_file(path) if digest else None
+
+
+def _cast_into(t: LazyTensor, dst: torch.dtype, pool: FilePool, out) -> Iterator[int]:
+    for c in pool.chunks(t, align=t.dtype.itemsize):
+        data = torch.frombuffer(c, dtype=t.dtype).to(dst).view(torch.uint8).numpy()
+        write_all(out, data)
+        yield len(data)
 
 
 def stream_fingerprint(tensors: dict[str, LazyTensor], pool: FilePool) -> str:

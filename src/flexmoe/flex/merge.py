@@ -19,13 +19,22 @@ import torch
 from flexmoe.convert.hf_dir import hf_architecture
 from flexmoe.convert.hf_package import read_hf_anchor, read_hf_public
 from flexmoe.convert.safetensors_io import CheckpointError, load_model_dir, save_model_dir
+from flexmoe.flex.consent import PUBLIC_CONSENT, add_tensor_hashes
 from flexmoe.flex.fingerprint import fingerprint
 from flexmoe.flex.package import read_package
 
 
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
-          norm_topk_prob: bool = False, routing: str = "topk", overwrite: bool = False) -> Path:
-    """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package."""
+          norm_topk_prob: bool = False, routing: str = "topk", shared: str = "public",
+          overwrite: bool = False) -> Path:
+    """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package.
+
+    `shared`: `public` keeps the public model's shared tensors (FlexOlmo); `average` takes the mean
+    over the packages' copies (BAR), a package without trained shared tensors counting the public
+    copy. Either way the relative L2 divergence of every shipped shared tensor is recorded.
+    """
+    if shared not in ("public", "average"):
+        raise CheckpointError(f"shared={shared!r} is not public|average")
     public_dir = Path(public_dir)
     # A dense Hugging Face Olmo2 directory may stand in for the native public model.
     cfg, sd, meta = read_hf_public(public_dir) if hf_architecture(public_dir) else load_model_dir(public_dir)
@@ -70,17 +79,29 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
         if use_bias:
             out[f"layers.{i}.ffn.router.bias"] = torch.cat(
                 [torch.zeros(1)] + [t.get(f"layers.{i}.bias", torch.zeros(1)).float() for _, _, t in loaded])
+    divergence = _shared_divergence(sd, loaded)
+    if shared == "average":
+        for k_ in divergence:
+            copies = [t.get(f"shared.{k_}", sd[k_]).float() for _, _, t in loaded]
+            out[k_] = torch.stack(copies).mean(0).to(sd[k_].dtype)
+    elif divergence:
+        print(f"[flexmoe] packages carry trained shared tensors; keeping the public copies (shared=public)",
+              file=sys.stderr)
     # Document routing's centroids: the public row and each owner's embedding at layer 0.
     out["domain_centroids"] = torch.stack(
         [public_rows[0]] + [t.get("domain_embedding", torch.zeros(cfg.d_model)).float() for _, _, t in loaded])
     merged_cfg = cfg.replace(num_experts=num_experts, top_k=k, norm_topk_prob=norm_topk_prob, router_bias=use_bias,
                              routing=routing)
-    experts = [{"slot": 0, "owner": "public", "domain": "public", "licence": meta.get("licence", "unspecified")}]
+    experts = [{"slot": 0, "owner": "public", "domain": "public", "licence": meta.get("licence", "unspecified"),
+                "consent": meta.get("consent") or PUBLIC_CONSENT}]
     for j, (pkg, m, _) in enumerate(loaded, start=1):
         experts.append({"slot": j, "owner": m["owner"], "domain": m["domain"], "licence": m.get("licence"),
                         "package_sha256": m["files"].get("expert.safetensors"), "tokens_seen": m.get("tokens_seen"),
-                        "dp": m.get("dp"), "source": str(pkg)})
-    new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts}
+                        "dp": m.get("dp"), "consent": m.get("consent"), "source": str(pkg)})
+    # Binds each consent record to its slot's tensors: flex.consent checks it on load.
+    experts = add_tensor_hashes(experts, out, cfg.num_layers)
+    new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts,
+                "shared": shared, "shared_divergence": divergence}
     path = save_model_dir(out_dir, merged_cfg, out, new_meta, overwrite=overwrite)
     print(f"[flexmoe] merged {len(loaded)} packages into {path} ({num_experts} experts, top_k={k})", file=sys.stderr)
     return path
@@ -114,3 +135,19 @@ def _public_rows(public_dir: Path, meta: dict[str, Any], cfg) -> torch.Tensor:
         print(f"[flexmoe] warning: {public_dir} ships no public router row; using zeros", file=sys.stderr)
         return torch.zeros(cfg.num_layers, cfg.d_model)
     return load_file(str(public_dir / name))["router_embedding"].float()
+
+
+def _shared_divergence(public_sd: dict[str, torch.Tensor], loaded) -> dict[str, dict[str, float]]:
+    """{shared tensor: {owner: ||w_owner - w_public|| / ||w_public||}} for tensors packages ship."""
+    out: dict[str, dict[str, float]] = {}
+    for pkg, manifest, tensors in loaded:
+        for key, t in tensors.items():
+            if not key.startswith("shared."):
+                continue
+            name = key[len("shared."):]
+            ref = public_sd.get(name)
+            if ref is None or ref.shape != t.shape:
+                raise CheckpointError(f"{pkg / 'expert.safetensors'}: shared tensor {name} does not fit the public model")
+            rel = float((t.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
+            out.setdefault(name, {})[manifest["owner"]] = rel
+    return out

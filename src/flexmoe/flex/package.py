@@ -11,28 +11,48 @@ import torch
 from safetensors.torch import save_file
 
 from flexmoe.convert.safetensors_io import CheckpointError, atomic_dir, load_model_dir, sha256_file, write_json
+from flexmoe.flex.consent import make_consent
 from flexmoe.flex.fingerprint import fingerprint
 
 FORMAT = "flexmoe-expert-package/1"
+SHARED_TRAINING_STAGES = ("sft", "rl_unfrozen")
 TENSORS = "expert.safetensors"
 MANIFEST = "manifest.json"
 
 
 def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, domain: str,
                  licence: str = "unspecified", dp: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
-    """Cut the owner's expert (slot 1) out of a trained 2-expert anchor model."""
+                 include_shared: bool | None = None, allowed_uses: list[str] | None = None,
+                 expires: str | None = None, overwrite: bool = False) -> Path:
+    """Cut the owner's expert (slot 1) out of a trained 2-expert anchor model.
+
+    `allowed_uses` (see flex.consent.USES) and `expires` (YYYY-MM-DD, last valid day) form the
+    manifest's `consent` record, which merge carries into the merged model; without uses, no
+    `use=` request will activate this expert.
+
+    Stages that unfreeze shared parameters (BAR's `sft`, `rl_unfrozen`) also ship those tensors
+    (`shared.<name>`), for `flexmoe merge --shared average`; `include_shared` defaults to that.
+    """
     trained_dir = Path(trained_dir)
+    consent = make_consent(allowed_uses, expires, where="package --allowed-uses/--expires")
     cfg, sd, meta = load_model_dir(trained_dir)
     if cfg.num_experts != 2:
         raise CheckpointError(f"{trained_dir}: expected a 2-expert anchor model, found num_experts={cfg.num_experts}")
     base_fp = meta.get("base_fingerprint")
     if not base_fp:
         raise CheckpointError(f"{trained_dir / 'flexmoe.json'}: no base_fingerprint; was it made by `flexmoe branch`?")
-    if fingerprint(sd) != base_fp:
+    stage = meta.get("stage")
+    if include_shared is None:
+        include_shared = stage in SHARED_TRAINING_STAGES
+    if not include_shared and fingerprint(sd) != base_fp:
         raise CheckpointError(f"{trained_dir}: shared tensors or the anchor differ from the public model "
-                              "(fingerprint mismatch); only anchor-frozen training can be packaged")
+                              "(fingerprint mismatch); only anchor-frozen training can be packaged "
+                              "(BAR stages sft/rl_unfrozen ship their shared tensors)")
     tensors: dict[str, torch.Tensor] = {}
+    if include_shared:
+        for k, v in sd.items():
+            if ".ffn." not in k and k != "domain_centroids":
+                tensors[f"shared.{k}"] = v.contiguous()
     for i in range(cfg.num_layers):
         for name in ("gate_proj", "up_proj", "down_proj"):
             tensors[f"layers.{i}.{name}"] = sd[f"layers.{i}.ffn.experts.{name}"][1].contiguous()
@@ -47,9 +67,10 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
         manifest = {
             "format": FORMAT, "owner": owner, "domain": domain, "licence": licence,
             "base_fingerprint": base_fp, "tokens_seen": int(meta.get("tokens_seen", 0)),
-            "dp": dp if dp is not None else meta.get("dp"),
+            "dp": check_dp_record(dp if dp is not None else meta.get("dp"), trained_dir), "consent": consent,
             "shape": {"num_layers": cfg.num_layers, "d_model": cfg.d_model, "d_ff": cfg.d_ff},
-            "router_bias": cfg.router_bias,
+            "router_bias": cfg.router_bias, "stage": stage,
+            "shared": sorted(k[len("shared."):] for k in tensors if k.startswith("shared.")),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "files": {TENSORS: sha256_file(tmp / TENSORS)},
         }
@@ -82,3 +103,16 @@ def read_package(pkg_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{pkg_dir / TENSORS}: cannot read safetensors ({e})") from e
     return manifest, tensors
+
+
+DP_FIELDS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sampling_rate", "steps")
+
+
+def check_dp_record(dp: dict[str, Any] | None, where: Path) -> dict[str, Any] | None:
+    """A DP claim in a manifest must state its whole guarantee (see train/privacy.py), or be absent."""
+    if dp is None:
+        return None
+    missing = [f for f in DP_FIELDS if not isinstance(dp.get(f), (int, float))]
+    if missing:
+        raise CheckpointError(f"{where}: dp record lacks numeric {missing}; train with privacy.enabled=true or drop the dp claim")
+    return dp
