@@ -25,9 +25,9 @@ class QuickstartConfig:
     max_bytes_per_domain: int = 1_200_000
     seq_len: int = 256
     batch_size: int = 16
-    public_steps: int = 800
+    public_steps: int = 600
     public_lr: float = 3e-3
-    expert_steps: int = 300
+    expert_steps: int = 250
     expert_lr: float = 2e-3
     public_mix: float = 0.25
     top_k: int = 2
