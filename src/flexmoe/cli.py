@@ -187,9 +187,11 @@ def cmd_merge(argv: list[str]) -> int:
                    help="routing policy of the merged model (see model.routing)")
     p.add_argument("--shared", default="public", choices=["public", "average"],
                    help="shared tensors: the public copy (FlexOlmo) or the mean of the packages' copies (BAR)")
+    p.add_argument("--router-rows", default="raw", choices=["raw", "common_norm", "centred_norm"],
+                   help="rescale router rows at merge time (see flex/merge.py ROW_TRANSFORMS)")
     a = p.parse_args(argv)
     merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing,
-          shared=a.shared)
+          shared=a.shared, router_rows=a.router_rows)
     return 0
 
 

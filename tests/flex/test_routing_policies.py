@@ -71,3 +71,23 @@ def test_anchor_top1_equals_topk_on_two_experts(tmp_path):
     b, _, _ = load_model(trained, routing="anchor_top1")
     with torch.no_grad():
         torch.testing.assert_close(a(_tokens()).logits, b(_tokens()).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_router_row_transforms(tmp_path):
+    from flexmoe.convert.safetensors_io import load_model_dir
+
+    public = make_public(tmp_path)
+    pkgs = make_packages(tmp_path, public, DOMAINS)
+    _, raw, _ = load_model_dir(merge(public, pkgs, tmp_path / "raw"))
+    _, cn, _ = load_model_dir(merge(public, pkgs, tmp_path / "cn", router_rows="common_norm"))
+    _, cc, _ = load_model_dir(merge(public, pkgs, tmp_path / "cc", router_rows="centred_norm"))
+    r, a, c = (x["layers.1.ffn.router.weight"] for x in (raw, cn, cc))
+    assert not torch.allclose(r.norm(dim=-1), r.norm(dim=-1).mean().expand(4))
+    torch.testing.assert_close(a.norm(dim=-1), r.norm(dim=-1).mean().expand(4))
+    torch.testing.assert_close(a / a.norm(dim=-1, keepdim=True), r / r.norm(dim=-1, keepdim=True))
+    off = (c[1:] - c[:1]).norm(dim=-1)
+    torch.testing.assert_close(off, off.mean().expand(3))
+    assert torch.equal(c[0], r[0])
+    # why centring alone is not offered: a shared shift of every row leaves the softmax unchanged
+    h = torch.randn(5, r.shape[1])
+    torch.testing.assert_close((h @ r.T).softmax(-1), (h @ (r - r[:1]).T).softmax(-1), atol=1e-6, rtol=1e-5)

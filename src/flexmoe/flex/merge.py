@@ -26,7 +26,7 @@ from flexmoe.flex.package import read_package
 
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
           norm_topk_prob: bool = False, routing: str = "topk", shared: str = "public",
-          overwrite: bool = False) -> Path:
+          router_rows: str = "raw", overwrite: bool = False) -> Path:
     """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package.
 
     `shared`: `public` keeps the public model's shared tensors (FlexOlmo); `average` takes the mean
@@ -35,6 +35,8 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     """
     if shared not in ("public", "average"):
         raise CheckpointError(f"shared={shared!r} is not public|average")
+    if router_rows not in ROW_TRANSFORMS:
+        raise CheckpointError(f"router_rows={router_rows!r} is not one of {'|'.join(ROW_TRANSFORMS)}")
     public_dir = Path(public_dir)
     # A dense Hugging Face Olmo2 directory may stand in for the native public model.
     cfg, sd, meta = read_hf_public(public_dir) if hf_architecture(public_dir) else load_model_dir(public_dir)
@@ -79,6 +81,9 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
         if use_bias:
             out[f"layers.{i}.ffn.router.bias"] = torch.cat(
                 [torch.zeros(1)] + [t.get(f"layers.{i}.bias", torch.zeros(1)).float() for _, _, t in loaded])
+    for i in range(cfg.num_layers):
+        key = f"layers.{i}.ffn.router.weight"
+        out[key] = ROW_TRANSFORMS[router_rows](out[key])
     divergence = _shared_divergence(sd, loaded)
     if shared == "average":
         for k_ in divergence:
@@ -135,6 +140,25 @@ def _public_rows(public_dir: Path, meta: dict[str, Any], cfg) -> torch.Tensor:
         print(f"[flexmoe] warning: {public_dir} ships no public router row; using zeros", file=sys.stderr)
         return torch.zeros(cfg.num_layers, cfg.d_model)
     return load_file(str(public_dir / name))["router_embedding"].float()
+
+
+def _common_norm(rows_ED: torch.Tensor) -> torch.Tensor:
+    """Every row scaled to the rows' mean norm: no owner wins tokens by a larger row alone."""
+    norms = rows_ED.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return rows_ED / norms * norms.mean()
+
+
+def _centred_norm(rows_ED: torch.Tensor) -> torch.Tensor:
+    """Each owner's offset from the public row scaled to a common norm. (Centring alone changes
+    nothing: every logit shifts by the same h . r_0, and the softmax ignores a shared shift.)"""
+    off = rows_ED[1:] - rows_ED[:1]
+    if off.shape[0] == 0:
+        return rows_ED
+    n = off.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return torch.cat([rows_ED[:1], rows_ED[:1] + off / n * n.mean()])
+
+
+ROW_TRANSFORMS = {"raw": lambda r: r, "common_norm": _common_norm, "centred_norm": _centred_norm}
 
 
 def _shared_divergence(public_sd: dict[str, torch.Tensor], loaded) -> dict[str, dict[str, float]]:
