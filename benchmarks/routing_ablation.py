@@ -1,0 +1,222 @@
+"""Routing ablation (issue 3): which settings make the merged model as good as each expert on its
+own domain, with local opt-out?
+
+Trains one public model, then one set of experts per *training* setting (share of public data,
+router bias), and evaluates every *merge-time* setting (routing policy, router-row scaling, top-k)
+on the same experts. Corpora: the built-in ones (code, legal, math), and with --shared the real
+corpora in ../shared/corpora (GSM8K as math, AG News as news, Shakespeare as creative, the standard
+library as code); the public model is always trained on the built-in public text.
+
+    python benchmarks/routing_ablation.py --out /tmp/ablation [--shared] [--quick]
+
+Prints one table per corpus set and writes ablation.json. Columns: merged/expert ratio per domain,
+the worst opt-out drift on another domain, merged/public on public text, merged/soup (mean over
+expert domains). A row marked (opt-in) uses data pooled across owners; no default may.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from flexmoe.quickstart import _run  # noqa: E402
+
+MERGE_SETTINGS = [  # (name, routing, router_rows, top_k)
+    ("topk2", "topk", "raw", 2), ("topk3", "topk", "raw", 3), ("topk2+common_norm", "topk", "common_norm", 2),
+    ("topk2+centred_norm", "topk", "centred_norm", 2), ("anchor_top1", "anchor_top1", "raw", 2),
+    ("anchor_top1+centred_norm", "anchor_top1", "centred_norm", 2), ("anchor_doc", "anchor_doc", "raw", 2),
+]
+
+
+def shared_domains(out: Path, max_bytes: int) -> dict[str, dict[str, list[Path]]]:
+    """GSM8K / AG News / Shakespeare / stdlib as jsonl train/val files (read in place, never copied
+    into the project)."""
+    import csv
+    import random
+    import sysconfig
+
+    root = ROOT.parent / "shared" / "corpora"
+    if not root.is_dir():
+        return {}
+    docs: dict[str, list[str]] = {}
+    with open(root / "gsm8k_train.jsonl") as f:
+        docs["math"] = [(lambda r: r["question"] + "\n" + r["answer"])(json.loads(l)) for l in f]
+    with open(root / "agnews_7600.csv", newline="") as f:
+        docs["news"] = [f"{r[1]}\n{r[2]}".replace("\\", "\n") for r in csv.reader(f)]
+    text = (root / "tinyshakespeare.txt").read_text()
+    docs["creative"] = [p for p in text.split("\n\n") if p.strip()]
+    std = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    docs["code"] = [p.read_text(errors="replace")[:8000] for p in std]
+    out_files: dict[str, dict[str, list[Path]]] = {}
+    for d, items in docs.items():
+        rng = random.Random(0)
+        rng.shuffle(items)
+        kept, size = [], 0
+        for t in items:
+            if size > max_bytes:
+                break
+            kept.append(t)
+            size += len(t)
+        n_val = max(1, len(kept) // 20)
+        for split, part in (("val", kept[:n_val]), ("train", kept[n_val:])):
+            p = out / "shared_corpora" / d / f"{split}.jsonl"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+            out_files.setdefault(d, {})[split] = [p]
+    return out_files
+
+
+def evaluate(public, merged_dir, experts, val, seq_len, windows) -> dict:
+    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.data import TokenWindows
+    from flexmoe.eval.baselines import soup_model
+    from flexmoe.eval.perplexity import model_logprobs, perplexity
+    from flexmoe.flex.optout import expert_mask
+
+    W = {d: TokenWindows(p, seq_len) for d, p in val.items()}
+    row = lambda m, mask=None: {d: perplexity(model_logprobs(m, mask), w, windows) for d, w in W.items()}  # noqa
+    merged, _, meta = load_model(merged_dir)
+    merged.eval()
+    res = {"merged": row(merged), "soup": row(soup_model(merged))}
+    for d in experts:
+        res[f"without/{d}"] = row(merged, expert_mask(meta["experts"], [d]))
+    return res
+
+
+def summarise(res: dict, expert_ppl: dict, public_ppl: dict, domains: list[str]) -> dict:
+    m = res["merged"]
+    drift = max((abs(res[f"without/{d}"][e] / m[e] - 1) for d in domains for e in domains if e != d), default=0.0)
+    return {
+        **{f"ratio/{d}": m[d] / expert_ppl[d] for d in domains},
+        "max_optout_drift": drift, "public_ratio": m["public"] / public_ppl["public"],
+        "vs_soup": float(np.mean([m[d] for d in domains]) / np.mean([res["soup"][d] for d in domains])),
+    }
+
+
+def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
+    """Experts per training setting, then every merge setting, for one corpus set."""
+    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.data import ByteTokenizer, TokenWindows, prepare_data
+    from flexmoe.eval.perplexity import model_logprobs, perplexity
+
+    tok = ByteTokenizer()
+    data = {}
+    for d, splits in corpora.items():
+        for split, files in splits.items():
+            p = out / name / "data" / d / split
+            if not (p / "manifest.json").exists():
+                prepare_data(files, p, tok, domain=d, progress=False)
+            data.setdefault(d, {})[split] = p
+    domains = [d for d in corpora if d != "public"]
+    val = {d: data[d]["val"] for d in ["public", *domains]}
+    flexmoe = [sys.executable, "-m", "flexmoe.cli"]
+    train_settings = [("mix0.25", 0.25, False)] if args.quick else [
+        ("mix0", 0.0, False), ("mix0.25", 0.25, False), ("mix0.5", 0.5, False), ("mix0.25+bias", 0.25, True)]
+    rows = []
+    public_model, _, _ = load_model(public)
+    public_ppl = {d: perplexity(model_logprobs(public_model.eval()), TokenWindows(p, args.seq_len), args.windows)
+                  for d, p in val.items()}
+    for tname, mix, bias in train_settings:
+        base = out / name / tname
+
+        def owner(d):
+            o = base / d
+            o.mkdir(parents=True, exist_ok=True)
+            log = o / "log.txt"
+            if (o / "package" / "manifest.json").exists():
+                return o / "package"
+            _run(flexmoe + ["router-embed", "--model", str(public), "--data", str(data[d]["train"]), "--out",
+                            str(o / "rows.safetensors"), "--seq-len", str(args.seq_len)], log, 1)
+            _run(flexmoe + ["branch", str(public), str(o / "anchor"), "--router-embedding", str(o / "rows.safetensors")]
+                 + (["--router-bias"] if bias else []), log, 1)
+            _run(flexmoe + ["train", f"out_dir={o / 'train'}", "stage=expert_anchor", f"init_from={o / 'anchor'}",
+                            f"+data.train.{d}={data[d]['train']}", f"+data.train.public={args.public_data}",
+                            f"stage.public_mix={mix}", f"trainer.steps={args.expert_steps}", "optim.lr=2e-3",
+                            f"data.seq_len={args.seq_len}", "trainer.threads=1", "trainer.log_every=50"], log, 1)
+            _run(flexmoe + ["package", str(o / "train" / "final"), str(o / "package"), "--owner", d, "--domain", d],
+                 log, 1)
+            return o / "package"
+
+        with ThreadPoolExecutor(jobs) as pool:
+            pkgs = list(pool.map(owner, domains))
+        expert_ppl = {}
+        for d in domains:
+            m, _, _ = load_model(base / d / "train" / "final")
+            expert_ppl[d] = perplexity(model_logprobs(m.eval()), TokenWindows(val[d], args.seq_len), args.windows)
+        for mname, routing, rows_t, k in MERGE_SETTINGS:
+            mdir = base / f"merged-{mname}"
+            if not (mdir / "flexmoe.json").exists():
+                _run(flexmoe + ["merge", str(public), *map(str, pkgs), "--out", str(mdir), "--top-k", str(k),
+                                "--routing", routing, "--router-rows", rows_t], base / "merge.log", 2)
+            res = evaluate(public, mdir, domains, val, args.seq_len, args.windows)
+            rows.append({"corpora": name, "train": tname, "merge": mname,
+                         **summarise(res, expert_ppl, public_ppl, domains), "perplexity": res,
+                         "expert_ppl": expert_ppl, "public_ppl": public_ppl})
+            print_row(rows[-1], domains)
+    return rows
+
+
+def print_row(r: dict, domains: list[str]) -> None:
+    cells = " ".join(f"{r[f'ratio/{d}']:6.3f}" for d in domains)
+    print(f"{r['corpora']:8} {r['train']:13} {r['merge']:26} {cells}  drift {r['max_optout_drift']:6.3f}  "
+          f"public {r['public_ratio']:5.3f}  vs-soup {r['vs_soup']:5.3f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shared", action="store_true", help="also run on ../shared/corpora")
+    ap.add_argument("--quick", action="store_true", help="one training setting, fewer steps")
+    ap.add_argument("--public-steps", type=int, default=600)
+    ap.add_argument("--expert-steps", type=int, default=250)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=32)
+    args = ap.parse_args()
+    if args.quick:
+        args.public_steps, args.expert_steps = min(args.public_steps, 300), min(args.expert_steps, 120)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    from flexmoe.data import ByteTokenizer, build_builtin_corpora, prepare_data
+
+    t0 = time.perf_counter()
+    builtin = build_builtin_corpora(out / "corpora")
+    tok = ByteTokenizer()
+    args.public_data = out / "public_data" / "train"
+    for split in ("train", "val"):
+        if not (out / "public_data" / split / "manifest.json").exists():
+            prepare_data(builtin["public"][split], out / "public_data" / split, tok, progress=False)
+    public_run = out / "public"
+    if not (public_run / "final" / "flexmoe.json").exists():
+        _run([sys.executable, "-m", "flexmoe.cli", "train", f"out_dir={public_run}",
+              f"+data.train.public={args.public_data}", f"trainer.steps={args.public_steps}", "optim.lr=3e-3",
+              f"data.seq_len={args.seq_len}", "trainer.log_every=100"], out / "public.log", os.cpu_count() or 1)
+        _run([sys.executable, "-m", "flexmoe.cli", "router-embed", "--model", str(public_run / "final"),
+              "--data", str(args.public_data), "--public", "--seq-len", str(args.seq_len)], out / "public.log", 2)
+    public = public_run / "final"
+    sets = {"builtin": {d: builtin[d] for d in ("public", "code", "legal", "math")}}
+    if args.shared:
+        shared = shared_domains(out, 1_200_000)
+        if shared:
+            sets["shared"] = {"public": builtin["public"], **shared}
+        else:
+            print("../shared/corpora not found: skipping the shared-corpora run", file=sys.stderr)
+    print(f"{'corpora':8} {'train':13} {'merge':26} merged/expert per domain  ...")
+    rows = []
+    for name, corpora in sets.items():
+        rows += run_set(name, corpora, public, out, args, jobs=min(os.cpu_count() or 1, 3))
+    (out / "ablation.json").write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - t0}, indent=1))
+    print(f"wrote {out / 'ablation.json'} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
