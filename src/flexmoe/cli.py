@@ -8,6 +8,9 @@
     flexmoe merge PUBLIC PACKAGE... --out DIR [--top-k K]
     flexmoe eval MODEL --data DOMAIN=DIR ... [--opt-out NAME,...] [--soup]
     flexmoe quickstart [out_dir=DIR] [key=value ...]
+    flexmoe import-hf SRC DST            (Olmo2 / FlexOlmo Hugging Face directory -> native)
+    flexmoe export-hf SRC DST            (native -> FlexOlmoForCausalLM / Olmo2ForCausalLM directory)
+    flexmoe remove-expert SRC DST --expert NAME
 """
 
 from __future__ import annotations

@@ -109,12 +109,11 @@ def _weights(path: Path) -> tuple[dict[str, LazyTensor], Path]:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{path / INDEX}: has no weight_map; regenerate the index")
-        shards: dict[str, dict[str, LazyTensor]] = {}
-        for name in sorted(set(weight_map.values())):
+        for name in set(weight_map.values()):
             if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
                 raise CheckpointError(f"{path / INDEX}: names shard {name!r}; shards must be .safetensors files "
                                       "in the same directory")
-            shards[name] = read_header(path / name)[0]
+        shards = {name: read_header(path / name)[0] for name in sorted(set(weight_map.values()))}
         for key, name in weight_map.items():
             if key not in shards[name]:
                 raise CheckpointError(f"{path / name}: lacks tensor {key}, which {INDEX} places there; "

@@ -214,7 +214,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> HFT
     return HFTokenizer(out_dir)
 
 
-def load_tokenizer(spec: str | Path | dict[str, Any]) -> AnyTokenizer:
+def load_tokenizer(spec: str | Path | dict[str, Any], base_dir: str | Path | None = None) -> AnyTokenizer:
     """Build a tokenizer from "bytes", a tokenizer directory, or a dict from `spec()`.
 
     A dict naming an HF tokenizer with a sha256 must match the file found at its path, so data
@@ -227,7 +227,10 @@ def load_tokenizer(spec: str | Path | dict[str, Any]) -> AnyTokenizer:
         if kind == "hf":
             if "path" not in spec:
                 raise DataError(f"tokenizer spec {spec!r} has no 'path'; give the tokenizer directory")
-            tok = HFTokenizer(_existing_dir(spec["path"]))
+            path = Path(spec["path"])
+            if base_dir is not None and not path.is_absolute():
+                path = Path(base_dir) / path  # specs inside a model directory are relative to it
+            tok = HFTokenizer(_existing_dir(path))
             want = spec.get("sha256")
             if want and want != tok.sha256:
                 raise DataError(
