@@ -1,7 +1,6 @@
 """SLURM templates against stand-in srun/scontrol, and a local Hydra sweep through submitit."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -5,18 +5,17 @@ Everything here is safetensors and JSON: nothing that crosses an organisation is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from flexmoe.data.files import atomic_output_dir, sha256_file  # noqa: F401  (re-exported)
 
 from flexmoe.config.model import ModelConfig
 
@@ -27,30 +26,9 @@ class CheckpointError(ValueError):
     """A checkpoint or package on disk is missing, corrupted or does not fit."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextmanager
-def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(dst: str | Path, overwrite: bool = False):
     """Yield a temp dir beside `dst`; rename it to `dst` only if the block finishes."""
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: exists and is not empty; choose another output or remove it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_output_dir(dst, overwrite=overwrite, error=CheckpointError)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -53,11 +53,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False,
+                      error: type[ValueError] = DataError) -> Iterator[Path]:
     """Yield a temp dir beside `out_dir`; it replaces `out_dir` only if the block completes."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"{out_dir}: exists and is not empty; pass overwrite or choose another directory")
+        raise error(f"{out_dir}: exists and is not empty; pass overwrite or choose another directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -90,7 +90,7 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
             copies = [t.get(f"shared.{k_}", sd[k_]).float() for _, _, t in loaded]
             out[k_] = torch.stack(copies).mean(0).to(sd[k_].dtype)
     elif divergence:
-        print(f"[flexmoe] packages carry trained shared tensors; keeping the public copies (shared=public)",
+        print("[flexmoe] packages carry trained shared tensors; keeping the public copies (shared=public)",
               file=sys.stderr)
     # Document routing's centroids: the public row and each owner's embedding at layer 0.
     out["domain_centroids"] = torch.stack(
