@@ -11,7 +11,9 @@ import faulthandler
 import io
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -26,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank: int, world_size: int, port: int, queue, timeout: float, args) -> None:
+def _entry(fn, rank: int, world_size: int, port: int, queue, timeout: float, backend: str, args) -> None:
     # A rank stuck in a collective prints where it is stuck instead of hanging silently.
     faulthandler.dump_traceback_later(timeout, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -34,7 +36,9 @@ def _entry(fn, rank: int, world_size: int, port: int, queue, timeout: float, arg
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
         result = fn(rank, world_size, *args)
         buf = io.BytesIO()
         torch.save(result, buf)  # tensors by value: a shared-memory handle would die with this process
@@ -49,22 +53,36 @@ def _entry(fn, rank: int, world_size: int, port: int, queue, timeout: float, arg
         os._exit(0)  # skip atexit handlers inherited from pytest
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 180) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; returns each rank's result."""
-    ctx = mp.get_context("fork")
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 180,
+                    backend: str = "gloo") -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` ranks; returns each rank's result.
+
+    nccl ranks are spawned, not forked (CUDA cannot be used in a forked child); `fn` must then
+    be importable from its module."""
+    ctx = mp.get_context("spawn" if backend == "nccl" else "fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, timeout - 5, args)) for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, timeout - 5, backend, args))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
         for _ in range(world_size):
-            rank, err, payload = queue.get(timeout=timeout)
+            try:
+                rank, err, payload = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue_mod.Empty:
+                if errors:
+                    break
+                raise
             if err:
                 errors.append(f"rank {rank}:\n{err}")
-                break  # the others are likely stuck in a collective: stop waiting
+                # The first error is often a peer's broken connection: give the rank that
+                # failed first a moment to report too, then stop waiting on stuck ones.
+                deadline = min(deadline, time.monotonic() + 10)
+                continue
             results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:

@@ -56,6 +56,8 @@ class TrainerConfig:
     keep_last: int = 2
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
     stop_after: int = 0  # >0: checkpoint and stop after this many steps of this run (time-sliced jobs)
+    preempt_signal: str = "SIGUSR1"  # finish the step, checkpoint, requeue (SLURM --signal); "" disables
+    requeue: bool = True  # on preemption, `scontrol requeue $SLURM_JOB_ID` (when inside SLURM)
 
 
 @dataclass

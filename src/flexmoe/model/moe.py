@@ -164,9 +164,10 @@ class GroupedExperts(nn.Module):
             u = F.grouped_mm(x_ND, self.stacked("up_proj").transpose(-2, -1), offs=offs)
             return F.grouped_mm(F.silu(g) * u, self.stacked("down_proj").transpose(-2, -1), offs=offs)
         outs = []
+        # An expert without tokens still runs (on zero rows, at no cost) so every weight gets a
+        # gradient, zero or not, on every rank: FSDP's reduce-scatter and the expert-parallel
+        # all-to-all need all ranks to agree on which tensors take part.
         for e, x_e in enumerate(torch.split(x_ND, counts_E.tolist())):
-            if x_e.shape[0] == 0:
-                continue
             h = F.silu(F.linear(x_e, self.slot("gate_proj", e))) * F.linear(x_e, self.slot("up_proj", e))
             outs.append(F.linear(h, self.slot("down_proj", e)))
         if not outs:

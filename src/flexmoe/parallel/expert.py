@@ -114,7 +114,7 @@ class ExpertParallel(ParallelStyle):
             ep = dist.get_world_size(self.ep_group)
             self.me = dist.get_rank(self.ep_group)
             self.sizes = chunk_sizes(module.num_experts - module.num_frozen, ep)
-            assert module.local(base).shape[0] == self.sizes[self.me]
+            assert module.local("gate_proj").shape[0] == self.sizes[self.me]
         module.register_forward_pre_hook(self._dispatch)
         module.register_forward_hook(self._combine)
         return module
@@ -151,4 +151,12 @@ class ExpertParallel(ParallelStyle):
             n_stay, inv, send_tok, recv_tok = ctx
             y_back = _AllToAll.apply(y_ND[n_stay:][inv], send_tok, recv_tok, self.ep_group)
             y_ND = torch.cat([y_ND[:n_stay], y_back])
+            if self.sizes[self.me] == 0 and torch.is_grad_enabled():
+                # This rank holds no trainable expert (e.g. 1 trainable over ep=2), so the forward
+                # never touched its empty shard: tie it in for a (zero) gradient, so that every
+                # rank reduces, clips and steps the same set of tensors.
+                for name in EXPERT_WEIGHTS:
+                    w = module.local(name)
+                    if w.requires_grad:
+                        y_ND = y_ND + w.sum() * 0
         return y_ND

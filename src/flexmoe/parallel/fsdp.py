@@ -12,6 +12,7 @@ parallel axes (ranks holding the same experts), sharded on dim 1 because dim 0 b
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -36,7 +37,13 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: str = "fp3
             experts = block.ffn.experts
             fully_shard(experts, mesh=expert_mesh, mp_policy=mp, shard_placement_fn=lambda p: Shard(1))
             experts.set_gradient_divide_factor(float(num_dp))
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+            # gloo lacks NCCL's PREMUL_SUM: sum, then divide. Not on a 1-rank expert mesh, where
+            # FSDP would divide twice (it skips the collective and divides on its own).
+            if expert_mesh.size() > 1 and dist.get_backend(expert_mesh.get_group(0)) == "gloo":
+                experts.set_force_sum_reduction_for_comms(True)
+        # One unit per block. The transformer calls a block's steps (attend, feed) rather than the
+        # block itself, so the unit is the block's children: FSDP2 gathers them at the first one.
+        fully_shard(list(block.children()), mesh=dp_mesh, mp_policy=mp)
     fully_shard(model.embed, mesh=dp_mesh, mp_policy=mp)
     # The final norm and head run back to back: one unit, one all-gather. Not resharded after
     # forward because backward needs them first.

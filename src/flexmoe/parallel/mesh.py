@@ -1,9 +1,9 @@
 """Parallel degrees -> a validated layout -> one DeviceMesh with named axes.
 
-Mesh axes, outermost first: `dp_replicate` (HSDP replicas), `edp` and `ep` (together the
-`dp_shard` axis: expert parallelism borrows ranks from it, as in torchtitan), `tp`. Flattened
-axes: `dp_shard` = edp x ep (FSDP of dense weights), `dp` = dp_replicate x dp_shard (the ranks
-that read different data).
+Mesh axes, outermost first: `dp_replicate` (HSDP replicas), `dp_shard` (FSDP), `tp`. Expert
+parallelism borrows ranks from dp_shard, as in torchtitan: a second view of the same devices
+splits dp_shard into `edp` x `ep`, so ep does not multiply the world size. Expert weights are
+sharded over `ep` and FSDP-sharded over `edp` (the expert-data-parallel ranks).
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None
     _fail(cfg.dp_shard >= 1 or cfg.dp_shard == -1, f"parallel.dp_shard={cfg.dp_shard} must be >= 1 or -1 (the rest)")
     fixed = cfg.dp_replicate * cfg.tp
     if cfg.dp_shard == -1:
-        _fail(world_size % fixed == 0, f"world size {world_size} is not divisible by parallel.dp_replicate="
-                                       f"{cfg.dp_replicate} x parallel.tp={cfg.tp}; launch a multiple of {fixed} processes")
+        _fail(world_size % fixed == 0,
+              f"world size {world_size} is not divisible by parallel.dp_replicate={cfg.dp_replicate} x "
+              f"parallel.tp={cfg.tp}; launch a multiple of {fixed} processes")
         dp_shard = world_size // fixed
     else:
         dp_shard = cfg.dp_shard
@@ -102,6 +103,7 @@ def world() -> tuple[int, int]:
 
 
 def local_device() -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK when CUDA is there, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -110,8 +112,15 @@ def local_device() -> torch.device:
 def init_distributed(cfg: ParallelConfig) -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1). True when this call created it,
     so the caller knows to destroy it; an existing group (tests, notebooks) is used as is."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if dist.is_initialized():
         return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if cfg.engine != "deepspeed":
+            return False
+        # DeepSpeed needs a process group even for one process (ZeRO-offload on one device).
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = cfg.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -121,20 +130,41 @@ def init_distributed(cfg: ParallelConfig) -> bool:
     return True
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
-    """The world mesh (None for one process), with the flattened `dp_shard` and `dp` axes made."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Meshes:
+    """The sub-meshes each parallel step uses; None where that parallelism is off."""
+
+    dp: DeviceMesh | None  # FSDP of dense weights: (dp_shard,) or (dp_replicate, dp_shard)
+    tp: DeviceMesh | None
+    experts: DeviceMesh | None  # ExpertParallel: (ep,), (tp,) or (ep, tp)
+    expert_dp: DeviceMesh | None  # FSDP of expert weights under EP: (edp,) or (dp_replicate, edp)
+    dp_rank: int = 0
+    dp_size: int = 1
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> Meshes | None:
+    """The world mesh and its sub-meshes (None for one process)."""
     if dims.world_size == 1:
         return None
-    mesh = init_device_mesh(device_type, (dims.dp_replicate, dims.edp, dims.ep, dims.tp),
-                            mesh_dim_names=("dp_replicate", "edp", "ep", "tp"))
-    mesh["edp", "ep"]._flatten("dp_shard")
-    mesh["dp_replicate", "edp", "ep"]._flatten("dp")
-    return mesh
-
-
-def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
-    """This rank's slice of the global batch: tp ranks of one group read the same data."""
-    if mesh is None:
-        return 0, 1
-    dp = mesh["dp"]
-    return dp.get_local_rank(), dp.size()
+    root = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard, dims.tp),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    # EP's ranks come out of dp_shard: a view of the same devices with dp_shard split in two.
+    view = root._unflatten("dp_shard", (dims.edp, dims.ep), ("edp", "ep"))
+    hsdp = dims.dp_replicate > 1
+    expert_axes = tuple(a for a, n in (("ep", dims.ep), ("tp", dims.tp)) if n > 1)
+    dp_rank = root.get_local_rank("dp_replicate") * dims.dp_shard + root.get_local_rank("dp_shard")
+    return Meshes(
+        dp=root["dp_replicate", "dp_shard"] if hsdp else root["dp_shard"],
+        tp=root["tp"] if dims.tp > 1 else None,
+        experts=view[expert_axes] if expert_axes else None,
+        expert_dp=(view["dp_replicate", "edp"] if hsdp else view["edp"]) if dims.ep > 1 else None,
+        dp_rank=dp_rank, dp_size=dims.dp,
+    )

@@ -52,6 +52,16 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) 
     return known[key]
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated CUDA memory, or on CPU the peak resident set
+    (which includes the interpreter and libraries, and never goes down)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class MetricLogger:
     """Rank 0 prints one line per log step and appends JSON records to `metrics.jsonl`."""
 

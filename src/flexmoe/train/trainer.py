@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from flexmoe.config.model import ModelConfig
@@ -22,13 +24,13 @@ from flexmoe.flex.freeze import PLANS, apply_freeze_plan
 from flexmoe.model import Transformer
 from flexmoe.model.flops import flops_per_token, param_counts
 from flexmoe.model.moe import canonical_state_dict
+from flexmoe.parallel import deepspeed as ds
+from flexmoe.parallel.grad import clip_grad_norm_, mask_frozen_rows
+from flexmoe.parallel.mesh import build_mesh, init_distributed, local_device, resolve_dims, world
+from flexmoe.parallel.parallelize import fit_optimizer, parallelize
 from flexmoe.train import checkpoint as ckpt
-from flexmoe.train.metrics import MetricLogger, device_peak_flops
+from flexmoe.train.metrics import MetricLogger, device_peak_flops, peak_memory_gib
 from flexmoe.train.optim import build_optimizer, lr_at
-
-
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def build_model(cfg: RunConfig) -> tuple[Transformer, ModelConfig, dict[str, Any]]:
@@ -108,39 +110,68 @@ def describe(cfg: RunConfig, model: Transformer, mcfg: ModelConfig) -> dict[str,
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run one training stage to `trainer.steps`, resuming from `out_dir` when it holds a checkpoint."""
-    from flexmoe.data import BatchLoader, TokenWindows
+    """Run one training stage to `trainer.steps`, resuming from `out_dir` when it holds a checkpoint.
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: it joins the process group, lays the
+    model out per `cfg.parallel` (FSDP2/TP/EP or DeepSpeed) and reads its slice of each global
+    batch of `data.batch_size` x data-parallel size; rank 0 alone logs and writes `final/`.
+    """
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
-    device = _device()
+    resolve_dims(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))  # bad layouts fail before anything loads
+    created = init_distributed(cfg.parallel)
+    try:
+        return _train(cfg)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: RunConfig) -> dict[str, Any]:
+    from flexmoe.data import BatchLoader, TokenWindows
+
+    rank, world_size = world()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = local_device()
     model, mcfg, base_meta = build_model(cfg)
+    dims = resolve_dims(cfg.parallel, world_size, mcfg)
     info = describe(cfg, model, mcfg)
     if cfg.dry_run:
         return info
     model.to(device).train()
+    use_ds = cfg.parallel.engine == "deepspeed"
+    meshes = None if use_ds else build_mesh(dims, device.type)
+    parallelize(model, cfg.parallel, meshes)
     optimizer = build_optimizer(model, cfg.optim)
+    fit_optimizer(optimizer)
+    engine = None
+    if use_ds:
+        engine = ds.initialize(model, optimizer, ds.deepspeed_config(cfg, world_size))
+        optimizer = engine.optimizer
+    dp_rank, dp_size = (meshes.dp_rank, meshes.dp_size) if meshes is not None else (rank, world_size)
     source = build_train_source(cfg)
-    loader = BatchLoader(source, cfg.data.batch_size, seed=cfg.trainer.seed)
+    loader = BatchLoader(source, cfg.data.batch_size, seed=cfg.trainer.seed, rank=dp_rank, world_size=dp_size)
     val = {d: TokenWindows(p, cfg.data.seq_len, verify=cfg.data.verify) for d, p in cfg.data.val.items()}
-    logger = MetricLogger(out, wandb_cfg=cfg.wandb, run_config=_plain(cfg))
+    logger = MetricLogger(out, enabled=rank == 0, wandb_cfg=cfg.wandb, run_config=_plain(cfg))
 
     start, tokens_seen = 0, 0
     ckpt_root = out / "checkpoints"
     done = ckpt.complete_checkpoints(ckpt_root)
     if cfg.trainer.resume and done:
-        state = ckpt.load_checkpoint(done[-1], model, optimizer)
+        state = ckpt.load_checkpoint(done[-1], model, optimizer, engine=engine)
         loader.load_state_dict(state["loader"])
         start, tokens_seen = state["step"], state["tokens_seen"]
-        print(f"[flexmoe] resumed from {done[-1]} at step {start}", file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f"[flexmoe] resumed from {done[-1]} at step {start}", file=sys.stderr, flush=True)
 
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.dtype == "bf16"
+    # DeepSpeed's bf16 mode casts the model itself; autocast would cast twice.
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.dtype == "bf16" and not use_ds
                 else contextlib.nullcontext())
     peak = device_peak_flops(device, torch.bfloat16 if cfg.trainer.dtype == "bf16" else torch.float32)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum * dp_size
+    forward = engine if engine is not None else model
     t_last, steps_since, losses = time.perf_counter(), 0, []
     history: list[dict[str, Any]] = []
     for step in range(start, cfg.trainer.steps):
@@ -151,16 +182,26 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         for _ in range(cfg.trainer.grad_accum):
             batch = next(loader).to(device)
             with autocast:
-                o = model(batch[:, :-1])
+                o = forward(batch[:, :-1])
                 loss = F.cross_entropy(o.logits.float().reshape(-1, o.logits.shape[-1]), batch[:, 1:].reshape(-1))
                 total = loss + o.aux_loss if o.aux_loss is not None else loss
-            (total / cfg.trainer.grad_accum).backward()
+            if engine is not None:
+                engine.backward(total)  # scales by 1/grad_accum itself
+                engine.step()  # steps the optimizer only at the accumulation boundary
+            else:
+                (total / cfg.trainer.grad_accum).backward()
             step_loss += loss.item() / cfg.trainer.grad_accum
+        step_loss = _mean_over_ranks(step_loss, world_size, device)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr or check the data")
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if engine is not None:
+            gnorm = engine.get_global_grad_norm()
+        else:
+            if world_size > 1:
+                mask_frozen_rows(model)
+            gnorm = clip_grad_norm_(trainable, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         losses.append(step_loss)
         steps_since += 1
@@ -168,29 +209,59 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if s % cfg.trainer.log_every == 0 or s == cfg.trainer.steps:
             dt = time.perf_counter() - t_last
             tps = steps_since * tokens_per_step / dt
-            mfu = tps * info["flops_per_token"] / peak
-            rec = {"step": s, "loss": sum(losses) / len(losses), "lr": lr, "tokens_per_s": tps, "mfu": mfu,
+            per_device = tps / world_size
+            mfu = per_device * info["flops_per_token"] / peak
+            rec = {"step": s, "loss": sum(losses) / len(losses), "lr": lr, "tokens_per_s": tps,
+                   "tokens_per_s_per_device": per_device, "mfu": mfu, "peak_mem_gib": peak_memory_gib(device),
                    "grad_norm": float(gnorm) if gnorm is not None else None, "tokens_seen": tokens_seen}
             logger.log(rec, f"step {s:>6}/{cfg.trainer.steps}  loss {rec['loss']:.4f}  lr {lr:.2e}  "
-                            f"tok/s {tps:,.0f}  mfu {mfu:.1%}")
+                            f"tok/s/dev {per_device:,.0f}  mfu {mfu:.1%}  mem {rec['peak_mem_gib']:.2f}GiB")
             t_last, steps_since, losses = time.perf_counter(), 0, []
+        module = engine.module if engine is not None else model
         if cfg.trainer.eval_every and s % cfg.trainer.eval_every == 0 and s < cfg.trainer.steps and val:
-            history.append(_validate(model, val, cfg, s, logger))
+            history.append(_validate(module, val, cfg, s, logger))
         stopping = cfg.trainer.stop_after > 0 and s - start >= cfg.trainer.stop_after and s < cfg.trainer.steps
         if (cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < cfg.trainer.steps) or stopping:
             ckpt.save_checkpoint(ckpt_root, s, model, optimizer,
                                  {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},
-                                 keep_last=cfg.trainer.keep_last)
+                                 keep_last=cfg.trainer.keep_last, engine=engine)
         if stopping:
             logger.close()
             return {"stopped_at": s, "checkpoint": str(ckpt.complete_checkpoints(ckpt_root)[-1])}
-    final_val = _validate(model, val, cfg, cfg.trainer.steps, logger) if val else {}
+    module = engine.module if engine is not None else model
+    final_val = _validate(module, val, cfg, cfg.trainer.steps, logger) if val else {}
     ckpt.save_checkpoint(ckpt_root, cfg.trainer.steps, model, optimizer,
                          {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},
-                         keep_last=cfg.trainer.keep_last)
-    result = _write_final(cfg, model, mcfg, base_meta, tokens_seen, final_val)
+                         keep_last=cfg.trainer.keep_last, engine=engine)
+    sd = _full_state_dict(model, engine, world_size)
+    result = _write_final(cfg, sd, mcfg, base_meta, tokens_seen, final_val) if rank == 0 else {}
+    if world_size > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)  # every rank returns what rank 0 wrote
+        result = box[0]
     logger.close()
     return result
+
+
+def _mean_over_ranks(value: float, world_size: int, device: torch.device) -> float:
+    """The global batch's loss: tp replicas hold equal values, so the mean over all ranks is the
+    mean over data-parallel ranks (each with the same number of tokens)."""
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(t)
+    return float(t) / world_size
+
+
+def _full_state_dict(model, engine, world_size: int) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors on rank 0, {} on other ranks; a collective when distributed."""
+    if engine is not None:
+        return ds.full_state_dict(engine)
+    if world_size == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _validate(model, val, cfg, step, logger) -> dict[str, float]:
@@ -200,8 +271,8 @@ def _validate(model, val, cfg, step, logger) -> dict[str, float]:
     return losses
 
 
-def _write_final(cfg, model, mcfg, base_meta, tokens_seen, val_loss) -> dict[str, Any]:
-    sd = canonical_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+def _write_final(cfg, full_sd, mcfg, base_meta, tokens_seen, val_loss) -> dict[str, Any]:
+    sd = canonical_state_dict(full_sd)
     fp = fingerprint(sd)
     base_fp = base_meta.get("base_fingerprint") or base_meta.get("fingerprint")
     meta = {
