@@ -26,10 +26,14 @@ class Preemption:
         self.requeue_enabled = requeue
         self._signalled = False
         if signal_name:
+            sig = getattr(signal, signal_name, None)
+            if not isinstance(sig, signal.Signals):
+                raise ValueError(f"trainer.preempt_signal={signal_name!r} is not a signal name (e.g. SIGUSR1)")
             try:
-                signal.signal(getattr(signal, signal_name), self._on_signal)
-            except (AttributeError, ValueError) as e:  # ValueError: not the main thread
-                raise ValueError(f"trainer.preempt_signal={signal_name!r} cannot be handled here ({e})") from e
+                signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: the PREEMPT file still works
+                print(f"[flexmoe] {signal_name} not handled (training off the main thread); "
+                      f"preemption through {self.flag} only", file=sys.stderr)
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._signalled = True

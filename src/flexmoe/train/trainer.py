@@ -29,6 +29,7 @@ from flexmoe.parallel.grad import clip_grad_norm_, mask_frozen_rows
 from flexmoe.parallel.mesh import build_mesh, init_distributed, local_device, resolve_dims, world
 from flexmoe.parallel.parallelize import fit_optimizer, parallelize
 from flexmoe.train import checkpoint as ckpt
+from flexmoe.train.preempt import Preemption
 from flexmoe.train.metrics import MetricLogger, device_peak_flops, peak_memory_gib
 from flexmoe.train.optim import build_optimizer, lr_at
 
@@ -174,6 +175,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     forward = engine if engine is not None else model
     t_last, steps_since, losses = time.perf_counter(), 0, []
     history: list[dict[str, Any]] = []
+    preemption = Preemption(out, cfg.trainer.preempt_signal, cfg.trainer.requeue)
     for step in range(start, cfg.trainer.steps):
         lr = lr_at(step, cfg.trainer.steps, cfg.optim)
         for g in optimizer.param_groups:
@@ -221,13 +223,16 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         if cfg.trainer.eval_every and s % cfg.trainer.eval_every == 0 and s < cfg.trainer.steps and val:
             history.append(_validate(module, val, cfg, s, logger))
         stopping = cfg.trainer.stop_after > 0 and s - start >= cfg.trainer.stop_after and s < cfg.trainer.steps
+        preempted = s < cfg.trainer.steps and preemption.requested()
+        stopping = stopping or preempted
         if (cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < cfg.trainer.steps) or stopping:
             ckpt.save_checkpoint(ckpt_root, s, model, optimizer,
                                  {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},
                                  keep_last=cfg.trainer.keep_last, engine=engine)
         if stopping:
+            status = preemption.finish() if preempted else "stopped"
             logger.close()
-            return {"stopped_at": s, "checkpoint": str(ckpt.complete_checkpoints(ckpt_root)[-1])}
+            return {"stopped_at": s, "status": status, "checkpoint": str(ckpt.complete_checkpoints(ckpt_root)[-1])}
     module = engine.module if engine is not None else model
     final_val = _validate(module, val, cfg, cfg.trainer.steps, logger) if val else {}
     ckpt.save_checkpoint(ckpt_root, cfg.trainer.steps, model, optimizer,
