@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= quickstart-out
 PIP_FLAGS ?= -q
+# DeepSpeed builds no CUDA ops on the CPU path; it picks its CPU accelerator itself.
+export DS_BUILD_OPS := 0
 
 .PHONY: demo test install clean
 

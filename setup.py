@@ -22,7 +22,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=7", "transformers>=5.0,<6", "hydra-submitit-launcher>=1.2"],
+        # dev runs every test: HF parity, submitit sweeps, DeepSpeed ZeRO on CPU gloo, DP-SGD accountants
+        "dev": ["pytest>=7", "transformers>=5.0,<6", "hydra-submitit-launcher>=1.2", "deepspeed>=0.15",
+                "opacus>=1.5"],
         "deepspeed": ["deepspeed>=0.15"],
         "wandb": ["wandb>=0.17"],
         "dp": ["opacus>=1.5"],

@@ -11,6 +11,9 @@
     flexmoe import-hf SRC DST            (Olmo2 / FlexOlmo Hugging Face directory -> native)
     flexmoe export-hf SRC DST            (native -> FlexOlmoForCausalLM / Olmo2ForCausalLM directory)
     flexmoe remove-expert SRC DST --expert NAME
+    flexmoe generate MODEL --prompt TEXT [--attribution]  (with consent: --use commercial)
+    flexmoe audit-extraction --data DIR --merged M --expert E --public P
+    flexmoe consent MODEL                (the owners, their licences, uses and expiry)
 """
 
 from __future__ import annotations
@@ -249,8 +252,9 @@ COMMANDS = {
 
 def _all_commands() -> dict:
     from flexmoe.convert.commands import COMMANDS as convert_commands
+    from flexmoe.flex.commands import COMMANDS as flex_commands
 
-    return {**COMMANDS, **convert_commands}
+    return {**COMMANDS, **convert_commands, **flex_commands}
 
 
 def main(argv: list[str] | None = None) -> int:
