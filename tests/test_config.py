@@ -65,3 +65,13 @@ def test_freeze_plan_names_match():
     from flexmoe.flex.freeze import PLANS
 
     assert sorted(FREEZE_PLAN_NAMES) == sorted(PLANS)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiments_compose(experiment):
+    cfg = _compose([f"+experiment={experiment}"])
+    mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    assert cfg.stage.freeze == "expert_anchor"
+    if mcfg.num_experts == 2:  # the full-size recipe: one 7B expert trains, the rest is frozen
+        info = dry_run(cfg, mcfg)
+        assert info["params_trainable"] == 32 * (3 * 4096 * 11008 + 4096)

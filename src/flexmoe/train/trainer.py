@@ -30,6 +30,7 @@ from flexmoe.parallel.mesh import build_mesh, init_distributed, local_device, re
 from flexmoe.parallel.parallelize import fit_optimizer, parallelize
 from flexmoe.train import checkpoint as ckpt
 from flexmoe.train.preempt import Preemption
+from flexmoe.train.provenance import write_run_info
 from flexmoe.train.metrics import MetricLogger, device_peak_flops, peak_memory_gib
 from flexmoe.train.optim import build_optimizer, lr_at
 
@@ -155,6 +156,8 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     loader = BatchLoader(source, cfg.data.batch_size, seed=cfg.trainer.seed, rank=dp_rank, world_size=dp_size)
     val = {d: TokenWindows(p, cfg.data.seq_len, verify=cfg.data.verify) for d, p in cfg.data.val.items()}
     logger = MetricLogger(out, enabled=rank == 0, wandb_cfg=cfg.wandb, run_config=_plain(cfg))
+    if rank == 0:
+        write_run_info(out, cfg)
 
     start, tokens_seen = 0, 0
     ckpt_root = out / "checkpoints"
