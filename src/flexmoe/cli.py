@@ -39,6 +39,23 @@ def load_config_of(model_dir: str):
     return ModelConfig.load(Path(model_dir) / "config.json")
 
 
+def _early_check(cfg) -> str | None:
+    """Settings that can be refused from the config alone, in milliseconds."""
+    from flexmoe.config.train import FREEZE_PLAN_NAMES
+
+    if cfg.stage.freeze not in FREEZE_PLAN_NAMES:
+        return f"stage.freeze={cfg.stage.freeze!r} is not one of {', '.join(FREEZE_PLAN_NAMES)}"
+    par, m = cfg.get("parallel"), cfg.model
+    if par is None or cfg.init_from:
+        return None
+    heads, kv = m.num_heads, m.num_kv_heads or m.num_heads
+    if par.tp > 1 and (heads % par.tp or kv % par.tp):
+        return f"parallel.tp={par.tp} does not divide model.num_heads={heads} and model.num_kv_heads={kv}"
+    if par.ep > 1 and m.num_experts % par.ep:
+        return f"parallel.ep={par.ep} does not divide model.num_experts={m.num_experts}"
+    return None
+
+
 def cmd_train(argv: list[str]) -> int:
     """`flexmoe train`: a Hydra app over RunConfig; `--dry-run` prints sizes and exits."""
     import hydra
@@ -56,11 +73,9 @@ def cmd_train(argv: list[str]) -> int:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from flexmoe.config.train import FREEZE_PLAN_NAMES
-
-        if cfg.stage.freeze not in FREEZE_PLAN_NAMES:
-            print(f"flexmoe train: error: stage.freeze={cfg.stage.freeze!r} is not one of "
-                  f"{', '.join(FREEZE_PLAN_NAMES)}", file=sys.stderr)
+        problem = _early_check(cfg)
+        if problem:  # refuse a bad layout before torch is even imported
+            print(f"flexmoe train: error: {problem}", file=sys.stderr)
             sys.exit(2)
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:  # a sweep: each job trains in its own numbered directory

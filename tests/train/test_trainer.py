@@ -161,7 +161,8 @@ def _cli(*args, timeout=60):
 
 @pytest.mark.parametrize("override,needle", [("trainer.steps=abc", "trainer.steps"),
                                              ("trainer.nosuchkey=1", "nosuchkey"),
-                                             ("stage.freeze=bogus", "stage.freeze")])
+                                             ("stage.freeze=bogus", "stage.freeze"),
+                                             ("parallel.tp=3", "parallel.tp")])
 def test_bad_override_fails_fast_naming_the_key(tmp_path, override, needle):
     r, secs = _cli("train", f"out_dir={tmp_path}", override)
     assert r.returncode != 0
