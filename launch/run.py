@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--master-addr", default="127.0.0.1")
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--print", action="store_true", help="print the torchrun command and exit")
-    a = p.parse_args(ours)
+    a, rest = p.parse_known_args(ours)
+    bad = [r for r in rest if r.startswith("-")]
+    if bad:
+        p.error(f"unknown options {bad}; flexmoe train's overrides are key=value (after `--`)")
+    overrides = rest + overrides  # `--` is optional when every override is key=value
     if a.nproc < 1:
         p.error(f"--nproc={a.nproc} must be >= 1")
     cmd, env, out_dir = build_command(a, overrides)
