@@ -75,3 +75,12 @@ def test_experiments_compose(experiment):
     if mcfg.num_experts == 2:  # the full-size recipe: one 7B expert trains, the rest is frozen
         info = dry_run(cfg, mcfg)
         assert info["params_trainable"] == 32 * (3 * 4096 * 11008 + 4096)
+
+
+def test_dry_run_memory_divides_by_the_shard_degree(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg = _compose(["model=flexolmo_2x7b", "parallel=fsdp"])
+    mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    sharded = dry_run(cfg, mcfg)["memory_per_device_gib"]["weights"]
+    single = dry_run(_compose(["model=flexolmo_2x7b"]), mcfg)["memory_per_device_gib"]["weights"]
+    assert cfg.parallel.dp_shard == -1 and abs(sharded * 8 / single - 1) < 1e-9

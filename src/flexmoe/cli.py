@@ -103,6 +103,8 @@ def cmd_train(argv: list[str]) -> int:
             print(f"flexmoe train: error: {str(e).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)
         result.update(out)
+        if int(os.environ.get("RANK", "0")) != 0:  # one summary per run, not per rank
+            return
         print(json.dumps({k: v for k, v in out.items() if k in (
             "final", "val_loss", "tokens_seen", "params_total", "params_active", "params_trainable",
             "flops_per_token", "memory_estimate_gib")}, indent=1))

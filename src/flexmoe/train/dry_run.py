@@ -7,6 +7,7 @@ layout's sharding degrees.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -19,7 +20,12 @@ from flexmoe.model.flops import flops_per_token, param_counts
 
 def _degree(cfg: Any, name: str) -> int:
     par = cfg.get("parallel") if hasattr(cfg, "get") else getattr(cfg, "parallel", None)
-    return int((par.get(name) if hasattr(par, "get") else getattr(par, name, 1)) or 1) if par is not None else 1
+    value = int((par.get(name) if hasattr(par, "get") else getattr(par, name, 1)) or 1) if par is not None else 1
+    if value < 1:  # -1: "what the world size leaves"; a dry run takes $WORLD_SIZE as the world
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        others = _degree(cfg, "dp_replicate") * _degree(cfg, "tp") if name == "dp_shard" else 1
+        value = max(world // max(others, 1), 1)
+    return value
 
 
 def dry_run(cfg: Any, mcfg: ModelConfig) -> dict[str, Any]:
