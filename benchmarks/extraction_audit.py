@@ -1,16 +1,18 @@
 """Is the extraction audit strong enough that its low numbers mean something?
 
-    PYTHONPATH=src python benchmarks/extraction_audit.py [--workdir /tmp] [--threads 2] [--keep]
+    PYTHONPATH=src python benchmarks/extraction_audit.py [--workdir /tmp] [--threads 1] [--keep]
 
-The whole owner lifecycle on real news text (AG News from ../shared/corpora): a byte-level public
-model pretrained on Python's pydoc topics; two owners, each branching it, training an expert
-(expert_anchor) with `flexmoe train`'s trainer and packaging it; one merge of both. Owner
-`memorised` trains on 50 short articles for many epochs (deliberate memorisation); owner
-`one-epoch` trains once over 5,000 others. Each owner's documents are then audited (32-token
-prefixes at random offsets, greedy + 4 samples at T=0.7/top-k 40/top-p 0.95, similarity >= 0.9)
-against the public model, the owner's expert, the merged model and the merged model with that
-owner opted out. Prints one table; the attack must score high on `memorised` before its low
-score on `one-epoch` is believed. Takes a few minutes on 2 CPU cores.
+The whole owner lifecycle on real news text (AG News from ../shared/corpora, items cut to 80
+bytes): a byte-level public model pretrained on Python's pydoc topics; two owners, each branching
+it, training an expert (expert_anchor) with `flexmoe train`'s trainer and packaging it; one merge
+of both. Owner `memorised` trains on 50 items for 600 epochs, each epoch in a new order
+(deliberate memorisation); owner `one-epoch` trains once over 5,000 others. Each owner's
+documents are then audited (32-token prefixes at random offsets, greedy + 4 samples at
+T=0.7/top-k 40/top-p 0.95, similarity >= 0.9) against the public model, the owner's expert, the
+merged model, the merged model with that owner opted out and with the other owner opted out.
+Prints one table; the attack must score high on `memorised` before its low score on `one-epoch`
+is believed. About 20 minutes on one CPU thread of a busy machine (most of it generation); exits
+1 if the attack misses the memorised expert.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -30,7 +33,7 @@ from omegaconf import OmegaConf
 from flexmoe.config.train import RunConfig
 from flexmoe.convert.safetensors_io import load_model
 from flexmoe.data import ByteTokenizer, TokenWindows, load_shared_corpora, prepare_data
-from flexmoe.eval.extraction import AuditConfig, audit_models, documents_from_data
+from flexmoe.eval.extraction import AuditConfig, audit_models, documents_from_texts
 from flexmoe.flex.branch import branch
 from flexmoe.flex.consent import load_for_use
 from flexmoe.flex.merge import merge
@@ -76,19 +79,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=tempfile.gettempdir())
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine loses most of its speed to oversubscription at 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (on a shared 2-core machine, 2 threads lost 20x to oversubscription)")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d-ff", type=int, default=256)
+    p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--doc-bytes", type=int, default=128, help="documents are news items cut to this many bytes")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--doc-bytes", type=int, default=80, help="documents are news items cut to this many bytes")
     p.add_argument("--public-steps", type=int, default=300)
     p.add_argument("--memorise-docs", type=int, default=50)
-    p.add_argument("--memorise-epochs", type=int, default=80)
+    p.add_argument("--memorise-epochs", type=int, default=600)
     p.add_argument("--one-epoch-docs", type=int, default=5000)
-    p.add_argument("--audit-docs", type=int, default=500)
+    p.add_argument("--audit-docs", type=int, default=300)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     news = load_shared_corpora().get("news")
@@ -105,9 +109,15 @@ def main() -> int:
         data = {"public": work / "data-public"}
         prepare_data([write_jsonl(work / "public.jsonl", public_documents())], data["public"], tok, domain="public",
                      progress=False)
+        rng = random.Random(0)
         for name, ds in owners.items():
+            epochs = a.memorise_epochs if name == "memorised" else 1
+            # Each epoch visits the documents in a new order, as a shuffling data pipeline does: a
+            # stream that repeated one order would put every document in the same context every
+            # time, and the expert would learn those contexts rather than the documents.
+            stream = [d for _ in range(epochs) for d in rng.sample(ds, len(ds))]
             data[name] = work / f"data-{name}"
-            prepare_data([write_jsonl(work / f"{name}.jsonl", ds)], data[name], tok, domain=name, progress=False)
+            prepare_data([write_jsonl(work / f"{name}.jsonl", stream)], data[name], tok, domain=name, progress=False)
 
         # 1. The public model: pretrained, with its router row computed from public data.
         t = time.perf_counter()
@@ -127,9 +137,7 @@ def main() -> int:
             rows_file = work / f"rows-{name}.safetensors"
             compute_router_embedding(public, data[name], rows_file, seq_len=a.seq_len)
             anchor = branch(public, work / f"anchor-{name}", load_file(str(rows_file))["router_embedding"])
-            num_windows = len(TokenWindows(data[name], a.seq_len))
-            epochs = a.memorise_epochs if name == "memorised" else 1
-            steps[name] = max(1, epochs * num_windows // a.batch_size)
+            steps[name] = max(1, len(TokenWindows(data[name], a.seq_len)) // a.batch_size)  # one pass over the stream
             out = train(run_cfg(work / f"expert-{name}", a, **{
                 "init_from": str(anchor), "data.train": {name: str(data[name])}, "stage.name": "expert_anchor",
                 "stage.freeze": "expert_anchor", "trainer.steps": steps[name], "meta.owner": name,
@@ -145,9 +153,14 @@ def main() -> int:
         public_model = load_model(public)[0]
         results = {}
         for name in owners:
+            others = [o for o in owners if o != name]
+            # merged-without-others is, by opt-out exactness, the owner's expert beside the public one
+            # alone: what the release carries of this owner whatever the other experts do to routing.
             models = {"public": (public_model, None), "expert": (load_model(experts[name])[0], None),
-                      "merged": (merged, None), "merged-without-owner": (merged, expert_mask(meta["experts"], [name]))}
-            results[name] = audit_models(models, documents_from_data(data[name]), AuditConfig(max_docs=a.audit_docs))
+                      "merged": (merged, None), "merged-without-owner": (merged, expert_mask(meta["experts"], [name])),
+                      "merged-without-others": (merged, expert_mask(meta["experts"], others))}
+            docs_tok = documents_from_texts(owners[name], tok)
+            results[name] = audit_models(models, docs_tok, AuditConfig(max_docs=a.audit_docs))
         total = time.perf_counter() - t_start
 
         print(f"\nExtraction audit, AG News owners (byte-level d_model {a.d_model}, {a.layers} layers, d_ff {a.d_ff}); "

@@ -8,7 +8,15 @@ import torch
 from helpers import TINY, make_public, make_trained_anchor
 from safetensors.torch import load_file, save_file
 
-from flexmoe.convert.safetensors_io import META, WEIGHTS, CheckpointError, load_model, read_json, sha256_file, write_json
+from flexmoe.convert.safetensors_io import (
+    META,
+    WEIGHTS,
+    CheckpointError,
+    load_model,
+    read_json,
+    sha256_file,
+    write_json,
+)
 from flexmoe.flex.commands import COMMANDS
 from flexmoe.flex.consent import active_mask, consent_mask, load_for_use
 from flexmoe.flex.merge import merge
@@ -119,8 +127,8 @@ def test_swapped_expert_is_detected(world):
         load_for_use(forged, use="commercial")
 
     def swap_records(experts):  # the consent records swapped instead, tensors untouched
-        experts[1]["consent"], experts[2]["consent"] = experts[2]["consent"], experts[1]["consent"]
-        experts[1]["tensor_sha256"], experts[2]["tensor_sha256"] = experts[2]["tensor_sha256"], experts[1]["tensor_sha256"]
+        for key in ("consent", "tensor_sha256"):
+            experts[1][key], experts[2][key] = experts[2][key], experts[1][key]
 
     forged = _tamper(merged, root / "forged-records", edit_experts=swap_records)
     with pytest.raises(CheckpointError, match="slot 1"):

@@ -39,7 +39,7 @@ def _opacus_rdp(steps, sigma, q, delta):
 
 @pytest.mark.parametrize("steps,sigma,q,delta", [
     (1000, 1.0, 0.01, 1e-5),  # optimum at an integer order
-    (300, 0.7, 0.05, 1e-5),  # optimum at a fractional order (series/quadrature path)
+    (300, 0.7, 0.05, 1e-5),  # optimum at a fractional order (the quadrature path)
     (40, 1.1, 0.25, 1e-3),
     (5000, 2.0, 0.004, 1e-6),
     (10, 1.0, 1.0, 1e-5),  # no subsampling: the plain Gaussian mechanism
@@ -212,3 +212,30 @@ def test_nonprivate_router_embedding_refused_or_recorded(owner):
     pc = PrivacyConfig(enabled=True, noise_seed=0, allow_nonprivate_router_init=True)
     dp = train_private(_run_config(root, anchor, data, 1, "allowed-rows"), pc)["dp"]
     assert len(dp["excludes"]) == CFG.num_layers + 1 and "domain_centroids" in dp["excludes"][-1]
+
+
+def test_flexmoe_train_routes_privacy_enabled_to_dp_sgd(owner):
+    """`flexmoe train privacy.enabled=true ...` composes through Hydra and trains with DP-SGD."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from flexmoe.config.store import register
+    from flexmoe.train.trainer import train
+
+    root, _, anchor, data = owner
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    register()
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose(config_name="train", overrides=[
+            f"out_dir={root / 'dp-hydra'}", f"init_from={anchor}", "stage=expert_anchor", "stage.public_mix=0",
+            f"+data.train.code={data}", "data.seq_len=48", "data.batch_size=8", "trainer.steps=3",
+            "trainer.log_every=1", "trainer.eval_batches=1", "privacy.enabled=true", "privacy.noise_multiplier=1.5",
+            "privacy.delta=1e-4", "privacy.noise_seed=0"])
+    result = train(cfg)
+    q = 8 / len(TokenWindows(data, 48))
+    assert result["dp"]["steps"] == 3 and result["dp"]["noise_multiplier"] == 1.5
+    assert result["dp"]["epsilon"] == pytest.approx(epsilon_after(3, 1.5, q, 1e-4), rel=1e-9)
+    assert result["shared_unchanged"] is True
+    lines = [json.loads(x) for x in (root / "dp-hydra" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "epsilon" in r] == [1, 2, 3]  # epsilon reported as training goes

@@ -110,7 +110,8 @@ def test_audit_catches_a_memorising_expert(memorised):
     expert, _, _ = load_model(trained)
     fresh, _, _ = load_model(public)
     merged_model, _, meta = load_model(merged)
-    cfg = AuditConfig(strategies=[Sampling(greedy=True), Sampling(temperature=0.7, top_k=40, top_p=0.95, num_samples=2)])
+    cfg = AuditConfig(strategies=[Sampling(greedy=True),
+                                  Sampling(temperature=0.7, top_k=40, top_p=0.95, num_samples=2)])
     report = audit_models({"expert": (expert, None), "merged": (merged_model, None),
                            "merged-without/docs": (merged_model, expert_mask(meta["experts"], ["docs"])),
                            "public": (fresh, None)}, documents_from_texts(docs, ByteTokenizer()), cfg)

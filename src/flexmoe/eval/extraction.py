@@ -133,7 +133,8 @@ def make_prompts(docs: Sequence[np.ndarray], cfg: AuditConfig) -> AuditPrompts:
     need = cfg.prefix_len + cfg.suffix_len
     eligible = np.array([i for i, d in enumerate(docs) if len(d) >= need], dtype=np.int64)
     if len(eligible) == 0:
-        raise ValueError(f"no document has {need} tokens (prefix_len + suffix_len); lower them or give longer documents")
+        raise ValueError(f"no document has {need} tokens (prefix_len + suffix_len); lower them or give longer "
+                         "documents")
     rng = np.random.default_rng(cfg.seed)
     chosen = np.sort(rng.choice(eligible, size=min(cfg.max_docs, len(eligible)), replace=False))
     offsets = np.array([rng.integers(0, len(docs[i]) - need + 1) for i in chosen], dtype=np.int64)
@@ -147,7 +148,8 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     return {"count": int(k), "rate": k / n if n else 0.0, "ci95": [lo, hi]}
 
 
-def audit_model(model, prompts: AuditPrompts, cfg: AuditConfig, expert_mask: torch.Tensor | None = None) -> dict[str, Any]:
+def audit_model(model, prompts: AuditPrompts, cfg: AuditConfig,
+                expert_mask: torch.Tensor | None = None) -> dict[str, Any]:
     """Extraction and exact-match rates of one model on the prompts (with Wilson intervals)."""
     D = len(prompts.doc_ids)
     best = np.zeros(D)
@@ -163,8 +165,8 @@ def audit_model(model, prompts: AuditPrompts, cfg: AuditConfig, expert_mask: tor
         sim_D = similarity_batch(conts, targets).reshape(D, n).max(axis=1)
         exact_D = (conts == targets).all(axis=1).reshape(D, n).any(axis=1)
         hit_D = sim_D >= cfg.threshold
-        per_strategy[strategy.label()] = {"extracted": _rate(int(hit_D.sum()), D), "exact": _rate(int(exact_D.sum()), D),
-                                          "mean_similarity": float(sim_D.mean())}
+        per_strategy[strategy.label()] = {"extracted": _rate(int(hit_D.sum()), D),
+                                          "exact": _rate(int(exact_D.sum()), D), "mean_similarity": float(sim_D.mean())}
         best = np.maximum(best, sim_D)
         extracted |= hit_D
         exact |= exact_D
@@ -200,6 +202,7 @@ def format_audit(report: dict[str, Any]) -> str:
              "| model | extracted | 95% CI | exact | 95% CI | mean best similarity |", "|---|---|---|---|---|---|"]
     for label, r in report["models"].items():
         e, x = r["extracted"], r["exact"]
-        lines.append(f"| {label} | {e['rate']:.1%} ({e['count']}/{r['documents']}) | {e['ci95'][0]:.1%}-{e['ci95'][1]:.1%} "
-                     f"| {x['rate']:.1%} | {x['ci95'][0]:.1%}-{x['ci95'][1]:.1%} | {r['mean_best_similarity']:.3f} |")
+        lines.append(f"| {label} | {e['rate']:.1%} ({e['count']}/{r['documents']}) | "
+                     f"{e['ci95'][0]:.1%}-{e['ci95'][1]:.1%} | {x['rate']:.1%} | {x['ci95'][0]:.1%}-{x['ci95'][1]:.1%} "
+                     f"| {r['mean_best_similarity']:.3f} |")
     return "\n".join(lines)

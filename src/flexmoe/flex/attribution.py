@@ -39,7 +39,8 @@ def _names(experts: Sequence[dict[str, Any]] | None, num_experts: int) -> list[d
     return [{"slot": j, "owner": f"slot{j}", "domain": f"slot{j}"} for j in range(num_experts)]
 
 
-def attribution_from_routing(routings: Sequence[Routing], num_experts: int, experts: Sequence[dict[str, Any]] | None = None,
+def attribution_from_routing(routings: Sequence[Routing], num_experts: int,
+                             experts: Sequence[dict[str, Any]] | None = None,
                              positions_T: torch.Tensor | None = None) -> dict[str, Any]:
     """Attribution report from recorded routings (one per MoE layer); `positions_T` (bool or
     indices over the flattened tokens) restricts it to some tokens, e.g. the generated ones."""
@@ -114,7 +115,8 @@ def merge_attributions(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                             tokens=float(wmean(lambda p: p["experts"][j]["tokens"])))
                        for j, e in enumerate(first["experts"])],
            "layers": [{"weight": wmean(lambda p: p["layers"][i]["weight"]).tolist(),
-                       "tokens": wmean(lambda p: p["layers"][i]["tokens"]).tolist()} for i in range(first["num_layers"])]}
+                       "tokens": wmean(lambda p: p["layers"][i]["tokens"]).tolist()}
+                      for i in range(first["num_layers"])]}
     out["owners"] = {}
     for e in out["experts"]:
         o = out["owners"].setdefault(e["owner"], {"weight": 0.0, "tokens": 0.0})

@@ -171,7 +171,7 @@ def cmd_audit_extraction(argv: list[str]) -> int:
 
 def cmd_consent(argv: list[str]) -> int:
     """`flexmoe consent`: show a merged model's (or a package's) consent registry; with --use, who is active."""
-    from flexmoe.convert.safetensors_io import META, load_model_dir, read_json
+    from flexmoe.convert.safetensors_io import load_model_dir, read_json
     from flexmoe.flex.consent import consent_mask, consent_rows, verify_expert_hashes
 
     p = argparse.ArgumentParser(prog="flexmoe consent", description=cmd_consent.__doc__)

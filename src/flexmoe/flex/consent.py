@@ -27,7 +27,8 @@ USES = ("research", "commercial", "evaluation", "education", "any")  # "any": ev
 PUBLIC_CONSENT = {"allowed_uses": ["any"], "expires": None}
 
 
-def make_consent(allowed_uses: Iterable[str] | None, expires: str | None = None, *, where: str = "consent") -> dict[str, Any] | None:
+def make_consent(allowed_uses: Iterable[str] | None, expires: str | None = None, *,
+                 where: str = "consent") -> dict[str, Any] | None:
     """Checked consent record, or None when no use is given. `expires`: ISO date, last valid day."""
     uses = sorted({u.strip() for u in (allowed_uses or []) if u.strip()})
     if not uses:
@@ -37,7 +38,8 @@ def make_consent(allowed_uses: Iterable[str] | None, expires: str | None = None,
     unknown = [u for u in uses if u not in USES]
     if unknown:
         raise ValueError(f"{where}: unknown use(s) {unknown}; choose from {', '.join(USES)}")
-    return {"allowed_uses": uses, "expires": parse_date(expires, where=f"{where} expires").isoformat() if expires else None}
+    day = parse_date(expires, where=f"{where} expires").isoformat() if expires else None
+    return {"allowed_uses": uses, "expires": day}
 
 
 def parse_date(value: str | datetime.date, *, where: str = "date") -> datetime.date:
@@ -108,12 +110,14 @@ def expert_tensor_sha256(sd: dict[str, torch.Tensor], slot: int, num_layers: int
     return h.hexdigest()
 
 
-def add_tensor_hashes(experts: list[dict[str, Any]], sd: dict[str, torch.Tensor], num_layers: int) -> list[dict[str, Any]]:
+def add_tensor_hashes(experts: list[dict[str, Any]], sd: dict[str, torch.Tensor],
+                      num_layers: int) -> list[dict[str, Any]]:
     """The experts list with each entry's `tensor_sha256` set from `sd` (called by merge)."""
     return [dict(e, tensor_sha256=expert_tensor_sha256(sd, j, num_layers)) for j, e in enumerate(experts)]
 
 
-def verify_expert_hashes(sd: dict[str, torch.Tensor], meta: dict[str, Any], num_layers: int, where: str | Path = "") -> int:
+def verify_expert_hashes(sd: dict[str, torch.Tensor], meta: dict[str, Any], num_layers: int,
+                         where: str | Path = "") -> int:
     """Check every `tensor_sha256` in meta's experts against `sd`; returns how many were checked.
 
     Entries without one (models merged before consent records) are skipped."""
@@ -123,8 +127,9 @@ def verify_expert_hashes(sd: dict[str, torch.Tensor], meta: dict[str, Any], num_
         if not want:
             continue
         if expert_tensor_sha256(sd, j, num_layers) != want:
-            raise CheckpointError(f"{Path(where) / META}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) does not "
-                                  "match its tensor_sha256; the expert was swapped or altered, do not use this model")
+            raise CheckpointError(f"{Path(where) / META}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) "
+                                  "does not match its tensor_sha256; the expert was swapped or altered, do not use "
+                                  "this model")
         checked += 1
     return checked
 
@@ -144,7 +149,8 @@ def load_for_use(model_dir: str | Path, *, use: str | None = None, opt_out: Iter
     elif use is not None or list(opt_out):
         raise ValueError(f"{model_dir}: a dense model has no experts to select by use= or opt-out")
     if cfg.is_moe and len(experts) != cfg.num_experts:
-        raise CheckpointError(f"{Path(model_dir) / META}: lists {len(experts)} experts for num_experts={cfg.num_experts}")
+        raise CheckpointError(f"{Path(model_dir) / META}: lists {len(experts)} experts for "
+                              f"num_experts={cfg.num_experts}")
     mask = active_mask(experts, use=use, opt_out=opt_out, today=today) if cfg.is_moe else None
     model = Transformer(cfg)
     model.load_state_dict(sd)
