@@ -35,7 +35,10 @@ MERGE_SETTINGS = [  # (name, routing, router_rows, top_k)
     ("topk2", "topk", "raw", 2), ("topk3", "topk", "raw", 3), ("topk2+common_norm", "topk", "common_norm", 2),
     ("topk2+centred_norm", "topk", "centred_norm", 2), ("anchor_top1", "anchor_top1", "raw", 2),
     ("anchor_top1+centred_norm", "anchor_top1", "centred_norm", 2), ("anchor_doc", "anchor_doc", "raw", 2),
+    ("anchor_ngram", "anchor_ngram", "raw", 2),
 ]
+TRAIN_SETTINGS = {  # name -> (share of public data in expert batches, router bias)
+    "mix0": (0.0, False), "mix0.25": (0.25, False), "mix0.5": (0.5, False), "mix0.25+bias": (0.25, True)}
 
 
 def shared_domains(out: Path, max_bytes: int) -> dict[str, dict[str, list[Path]]]:
@@ -94,12 +97,18 @@ def evaluate(public, merged_dir, experts, val, seq_len, windows) -> dict:
 
 
 def summarise(res: dict, expert_ppl: dict, public_ppl: dict, domains: list[str]) -> dict:
-    m = res["merged"]
-    drift = max((abs(res[f"without/{d}"][e] / m[e] - 1) for d in domains for e in domains if e != d), default=0.0)
+    """The report's routing-quality numbers (flexmoe.eval.report.routing_quality) of one merge:
+    drift is over every other eval domain, public text included."""
+    from flexmoe.eval.report import quality_claims, routing_quality
+
+    ppl = {"merged": res["merged"], "soup": res["soup"], "public": public_ppl,
+           **{f"merged-without/{d}": res[f"without/{d}"] for d in domains},
+           **{f"expert/{d}": {d: expert_ppl[d]} for d in domains}}
+    q = routing_quality(ppl, domains)
     return {
-        **{f"ratio/{d}": m[d] / expert_ppl[d] for d in domains},
-        "max_optout_drift": drift, "public_ratio": m["public"] / public_ppl["public"],
-        "vs_soup": float(np.mean([m[d] for d in domains]) / np.mean([res["soup"][d] for d in domains])),
+        **{f"ratio/{d}": q["expert_ratio"][d] for d in domains},
+        "max_optout_drift": max(q["opt_out_drift"].values()), "public_ratio": q["public_ratio"],
+        "vs_soup": 1 - q["soup_gain"], "all_bounds_hold": all(ok for _, ok in quality_claims(q)),
     }
 
 
@@ -120,8 +129,7 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
     domains = [d for d in corpora if d != "public"]
     val = {d: data[d]["val"] for d in ["public", *domains]}
     flexmoe = [sys.executable, "-m", "flexmoe.cli"]
-    train_settings = [("mix0.25", 0.25, False)] if args.quick else [
-        ("mix0", 0.0, False), ("mix0.25", 0.25, False), ("mix0.5", 0.5, False), ("mix0.25+bias", 0.25, True)]
+    train_settings = [(t, *TRAIN_SETTINGS[t]) for t in args.train]
     rows = []
     public_model, _, _ = load_model(public)
     public_ppl = {d: perplexity(model_logprobs(public_model.eval()), TokenWindows(p, args.seq_len), args.windows)
@@ -169,7 +177,8 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
 def print_row(r: dict, domains: list[str]) -> None:
     cells = " ".join(f"{r[f'ratio/{d}']:6.3f}" for d in domains)
     print(f"{r['corpora']:8} {r['train']:13} {r['merge']:26} {cells}  drift {r['max_optout_drift']:6.3f}  "
-          f"public {r['public_ratio']:5.3f}  vs-soup {r['vs_soup']:5.3f}", flush=True)
+          f"public {r['public_ratio']:5.3f}  vs-soup {r['vs_soup']:5.3f}  "
+          f"{'all bounds hold' if r['all_bounds_hold'] else ''}", flush=True)
 
 
 def main() -> None:
@@ -181,8 +190,15 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, default=250)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--train", default=",".join(TRAIN_SETTINGS),
+                    help=f"comma-separated training settings among {', '.join(TRAIN_SETTINGS)}")
     args = ap.parse_args()
+    args.train = [t for t in args.train.split(",") if t]
+    unknown = [t for t in args.train if t not in TRAIN_SETTINGS]
+    if unknown:
+        ap.error(f"--train: unknown setting(s) {unknown}; choose from {', '.join(TRAIN_SETTINGS)}")
     if args.quick:
+        args.train = ["mix0.25"]
         args.public_steps, args.expert_steps = min(args.public_steps, 300), min(args.expert_steps, 120)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

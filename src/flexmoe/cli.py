@@ -1,13 +1,13 @@
 """The `flexmoe` command: one subcommand per lifecycle step.
 
-    flexmoe prepare-data FILES... --out DIR [--tokenizer bytes|DIR]
+    flexmoe prepare-data FILES... --out DIR [--tokenizer bytes|DIR] [--format lm|sft]
     flexmoe train [Hydra overrides: out_dir=... data.train.code.path=... stage=expert_anchor ...]
     flexmoe router-embed --model DIR --data DIR --out FILE [--public] [--embedder PATH]
     flexmoe branch PUBLIC OUT [--router-embedding FILE]
     flexmoe package TRAINED OUT --owner NAME --domain NAME [--licence L]
     flexmoe merge PUBLIC PACKAGE... --out DIR [--top-k K]
     flexmoe eval MODEL --data DOMAIN=DIR ... [--opt-out NAME,...] [--soup]
-    flexmoe quickstart [out_dir=DIR] [key=value ...]
+    flexmoe quickstart [recipe=flexolmo|bar] [out_dir=DIR] [key=value ...]
     flexmoe import-hf SRC DST            (Olmo2 / FlexOlmo Hugging Face directory -> native)
     flexmoe export-hf SRC DST            (native -> FlexOlmoForCausalLM / Olmo2ForCausalLM directory)
     flexmoe remove-expert SRC DST --expert NAME
@@ -41,10 +41,13 @@ def load_config_of(model_dir: str):
 
 def _early_check(cfg) -> str | None:
     """Settings that can be refused from the config alone, in milliseconds."""
-    from flexmoe.config.train import FREEZE_PLAN_NAMES
+    from flexmoe.config.train import DATA_FORMATS, FREEZE_PLAN_NAMES
 
     if cfg.stage.freeze not in FREEZE_PLAN_NAMES:
         return f"stage.freeze={cfg.stage.freeze!r} is not one of {', '.join(FREEZE_PLAN_NAMES)}"
+    fmt = cfg.data.get("format", "lm")
+    if fmt not in DATA_FORMATS:
+        return f"data.format={fmt!r} is not one of {', '.join(DATA_FORMATS)}"
     par, m = cfg.get("parallel"), cfg.model
     if par is None or cfg.init_from:
         return None
@@ -115,7 +118,12 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_prepare_data(argv: list[str]) -> int:
-    """`flexmoe prepare-data`: tokenize text/jsonl/csv files into .npy shards with a manifest."""
+    """`flexmoe prepare-data`: tokenize text/jsonl/csv files into .npy shards with a manifest.
+
+    With `--format sft` the inputs are chat jsonl files (`{"messages": [{"role", "content"}, ...]}`
+    per line) and the output is SFT data for `flexmoe train data.format=sft`: tokens, a loss mask
+    on assistant tokens only and example boundaries (see flexmoe.data.sft).
+    """
     from flexmoe.data import load_tokenizer, prepare_data, train_bpe
 
     p = argparse.ArgumentParser(prog="flexmoe prepare-data", description=cmd_prepare_data.__doc__)
@@ -128,7 +136,12 @@ def cmd_prepare_data(argv: list[str]) -> int:
     p.add_argument("--domain")
     p.add_argument("--text-field", default="text")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", default="lm", choices=["lm", "sft"],
+                   help="lm: plain text -> token shards; sft: chat jsonl ('messages') -> windows with an "
+                        "assistant-only loss mask, for `flexmoe train data.format=sft`")
     a = p.parse_args(argv)
+    if a.format == "sft":
+        return _prepare_sft(a)
     if a.train_bpe:
         texts = (Path(f).read_text(errors="replace") for f in a.inputs)
         tok = train_bpe(texts, a.train_bpe, a.tokenizer)
@@ -140,9 +153,26 @@ def cmd_prepare_data(argv: list[str]) -> int:
     return 0
 
 
+def _prepare_sft(a: argparse.Namespace) -> int:
+    """`prepare-data --format sft`: chat jsonl -> tokens.npy, loss_mask.npy, doc_starts.npy + manifest."""
+    from flexmoe.data import load_tokenizer
+    from flexmoe.data.sft import prepare_sft
+
+    # These options describe plain-text shards; silently ignoring them would surprise.
+    for flag, value, default in (("--train-bpe", a.train_bpe, 0), ("--dtype", a.dtype, "auto"),
+                                 ("--text-field", a.text_field, "text"), ("--domain", a.domain, None)):
+        if value != default:
+            raise ValueError(f"prepare-data: {flag} does not apply to --format sft; drop it")
+    m = prepare_sft(a.inputs, a.out, load_tokenizer(a.tokenizer), overwrite=a.overwrite)
+    print(f"{a.out}: {m['num_examples']:,} chat examples, {m['num_tokens']:,} tokens "
+          f"({m['num_trained_tokens']:,} trained)")
+    return 0
+
+
 def cmd_router_embed(argv: list[str]) -> int:
     """`flexmoe router-embed`: router rows for one owner's data (or, with --public, the public row)."""
     from flexmoe.flex.router_init import attach_public_embedding, compute_router_embedding
+    from flexmoe.model.docroute import DEFAULT_BUCKETS
 
     p = argparse.ArgumentParser(prog="flexmoe router-embed", description=cmd_router_embed.__doc__)
     p.add_argument("--model", required=True, help="the public model directory")
@@ -152,10 +182,14 @@ def cmd_router_embed(argv: list[str]) -> int:
     p.add_argument("--embedder", help="local sentence-transformers model directory (default: hidden states)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--num-windows", type=int, default=128)
+    p.add_argument("--ngram-buckets", type=int, default=DEFAULT_BUCKETS,
+                   help="hash buckets of the data's n-gram profile for routing=anchor_ngram (0: none)")
     a = p.parse_args(argv)
+    if a.ngram_buckets < 0:
+        p.error(f"--ngram-buckets={a.ngram_buckets} must be >= 0")
     out = a.out or str(Path(a.model) / ".router_public.tmp.safetensors")
     rows = compute_router_embedding(a.model, a.data, out, seq_len=a.seq_len, num_windows=a.num_windows,
-                                    embedder=a.embedder)
+                                    embedder=a.embedder, ngram_buckets=a.ngram_buckets)
     if a.public:
         attach_public_embedding(a.model, out)
         if not a.out:
@@ -176,8 +210,9 @@ def cmd_branch(argv: list[str]) -> int:
     p.add_argument("--router-embedding", help="the owner's rows from `flexmoe router-embed`")
     p.add_argument("--router-bias", action="store_true", help="add FlexOlmo's non-positive per-expert bias")
     a = p.parse_args(argv)
-    rows = load_file(a.router_embedding)["router_embedding"] if a.router_embedding else None
-    print(branch(a.public, a.out, rows, router_bias=a.router_bias))
+    given = load_file(a.router_embedding) if a.router_embedding else {}
+    print(branch(a.public, a.out, given.get("router_embedding"), router_bias=a.router_bias,
+                 owner_ngram=given.get("domain_ngram")))
     return 0
 
 
@@ -198,6 +233,7 @@ def cmd_package(argv: list[str]) -> int:
 
 def cmd_merge(argv: list[str]) -> int:
     """`flexmoe merge`: public model + expert packages -> one (N+1)-expert model."""
+    from flexmoe.config.model import ROUTINGS
     from flexmoe.flex.merge import merge
 
     p = argparse.ArgumentParser(prog="flexmoe merge", description=cmd_merge.__doc__)
@@ -206,8 +242,9 @@ def cmd_merge(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--top-k", type=int)
     p.add_argument("--norm-topk-prob", action="store_true")
-    p.add_argument("--routing", default="topk", choices=["topk", "anchor_top1", "anchor_doc"],
-                   help="routing policy of the merged model (see model.routing)")
+    p.add_argument("--routing", default="auto", choices=["auto", *ROUTINGS],
+                   help="routing policy of the merged model (see model.routing); auto: anchor_ngram when every "
+                        "package carries an n-gram profile, else topk (the only policy export-hf can write)")
     p.add_argument("--shared", default="public", choices=["public", "average"],
                    help="shared tensors: the public copy (FlexOlmo) or the mean of the packages' copies (BAR)")
     p.add_argument("--router-rows", default="raw", choices=["raw", "common_norm", "centred_norm"],
@@ -252,11 +289,14 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    """`flexmoe quickstart`: the whole lifecycle on built-in text; writes report.md and report.json."""
-    from flexmoe.quickstart import QuickstartConfig, run_quickstart
+    """`flexmoe quickstart`: the whole lifecycle on built-in text; writes report.md and report.json.
 
-    cfg = QuickstartConfig.from_overrides(argv)
-    run_quickstart(cfg)
+    `recipe=bar`: the post-training version (SFT experts on built-in chat data, merged with
+    shared=average|public, router tuning); writes bar_report.md and bar_report.json.
+    """
+    from flexmoe.quickstart import quickstart_main
+
+    quickstart_main(argv)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 public model -> (per owner, in its own process, seeing only its own domain + public text)
 router embedding -> branch -> expert training -> package -> merge -> evaluation -> report.
+
+`recipe=bar` runs the post-training (BAR) version instead: see flexmoe.bar_quickstart.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 @dataclass
 class QuickstartConfig:
+    recipe: str = "flexolmo"  # flexolmo: this module; bar: post-training (flexmoe.bar_quickstart)
     out_dir: str = "quickstart-out"
     domains: list[str] = field(default_factory=lambda: ["code", "legal", "math"])
     max_bytes_per_domain: int = 1_200_000
@@ -31,7 +34,9 @@ class QuickstartConfig:
     expert_lr: float = 2e-3
     public_mix: float = 0.25
     top_k: int = 2
-    routing: str = "topk"  # the merged model's routing policy; the report also shows the others
+    # The merged model's routing policy (`flexmoe merge --routing`); auto picks anchor_ngram, the
+    # measured best (README "Routing quality"). The report also shows the others.
+    routing: str = "auto"
     eval_windows: int = 48
     jobs: int = 0  # parallel owner processes; 0: one per CPU core
     seed: int = 0
@@ -54,6 +59,25 @@ class QuickstartConfig:
         return cls(**kw)
 
 
+RECIPES = ("flexolmo", "bar")
+
+
+def quickstart_main(argv: list[str]) -> dict[str, Any]:
+    """`flexmoe quickstart [recipe=flexolmo|bar] key=value ...`: parse the recipe's settings and run it."""
+    recipe = "flexolmo"
+    for item in argv:
+        key, _, value = item.partition("=")
+        if key == "recipe":
+            recipe = value
+    if recipe not in RECIPES:
+        raise ValueError(f"quickstart: recipe={recipe!r} is not one of {', '.join(RECIPES)}")
+    if recipe == "bar":
+        from flexmoe.bar_quickstart import BarConfig, run_bar_quickstart
+
+        return run_bar_quickstart(BarConfig.from_overrides(argv))
+    return run_quickstart(QuickstartConfig.from_overrides(argv))
+
+
 def _run(cmd: list[str], log: Path, threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     with open(log, "a") as f:
@@ -69,9 +93,35 @@ def _say(msg: str, t0: float) -> None:
     print(f"[quickstart {time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def train_public_model(out: Path, public_data: dict[str, Path], *, seq_len: int, batch_size: int, steps: int,
+                       lr: float, seed: int, threads: int, log: Path) -> Path:
+    """The public model in `out/public/final`, pretrained on public text only (reused when it
+    exists), with its public router row attached; returns its directory."""
+    flexmoe = [sys.executable, "-m", "flexmoe.cli"]
+    public_run = out / "public"
+    common = [f"data.seq_len={seq_len}", f"data.batch_size={batch_size}", "tokenizer=bytes",
+              f"trainer.seed={seed}", "trainer.log_every=50"]
+    if not (public_run / "final" / "flexmoe.json").exists():
+        _run(flexmoe + ["train", f"out_dir={public_run}", "stage=public_pretrain",
+                        f"+data.train.public={public_data['train']}",
+                        f"+data.val.public={public_data['val']}",
+                        f"trainer.steps={steps}", f"optim.lr={lr}",
+                        f"optim.warmup_steps={max(steps // 20, 1)}", f"trainer.threads={threads}", *common],
+             log, threads)
+    public = public_run / "final"
+    meta = json.loads((public / "flexmoe.json").read_text())
+    if not (meta.get("router_embedding") or {}).get("router_public"):
+        _run(flexmoe + ["router-embed", "--model", str(public), "--data", str(public_data["train"]),
+                        "--public", "--seq-len", str(seq_len)], log, threads)
+    return public
+
+
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     """Run every lifecycle step and write report.md, report.json and routing_heatmap.png."""
     from flexmoe.data import ByteTokenizer, build_builtin_corpora, prepare_data
+
+    if cfg.recipe != "flexolmo":
+        raise ValueError(f"quickstart: recipe={cfg.recipe!r} runs through quickstart_main, not run_quickstart")
 
     t0 = time.perf_counter()
     out = Path(cfg.out_dir).resolve()
@@ -99,22 +149,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     _say("token shards ready: " + ", ".join(f"{d}" for d in data), t0)
 
     # 2. The public model, pretrained on public text only.
-    public_run = out / "public"
     common = [f"data.seq_len={cfg.seq_len}", f"data.batch_size={cfg.batch_size}", "tokenizer=bytes",
               f"trainer.seed={cfg.seed}", "trainer.log_every=50"]
-    if not (public_run / "final" / "flexmoe.json").exists():
+    if not (out / "public" / "final" / "flexmoe.json").exists():
         _say(f"training the public model ({cfg.public_steps} steps)", t0)
-        _run(flexmoe + ["train", f"out_dir={public_run}", "stage=public_pretrain",
-                        f"+data.train.public={data['public']['train']}",
-                        f"+data.val.public={data['public']['val']}",
-                        f"trainer.steps={cfg.public_steps}", f"optim.lr={cfg.public_lr}",
-                        f"optim.warmup_steps={max(cfg.public_steps // 20, 1)}", f"trainer.threads={cores}", *common],
-             logs / "public.log", cores)
-    public = public_run / "final"
-    meta = json.loads((public / "flexmoe.json").read_text())
-    if not (meta.get("router_embedding") or {}).get("router_public"):
-        _run(flexmoe + ["router-embed", "--model", str(public), "--data", str(data["public"]["train"]),
-                        "--public", "--seq-len", str(cfg.seq_len)], logs / "public.log", cores)
+    public = train_public_model(out, data["public"], seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                steps=cfg.public_steps, lr=cfg.public_lr, seed=cfg.seed, threads=cores,
+                                log=logs / "public.log")
 
     # 3. Each owner, alone: router row from its own data, branch, train, package.
     def owner(domain: str) -> Path:

@@ -35,8 +35,9 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         p.copy_(1 + 0.1 * torch.randn(p.shape) if name.endswith("norm.weight") else 0.1 * torch.randn(p.shape))
     sd = model.state_dict()
-    if "domain_centroids" in sd:  # a buffer, not a parameter, but model state all the same
-        sd["domain_centroids"] = torch.randn(sd["domain_centroids"].shape)
+    for buf in ("domain_centroids", "domain_ngrams"):  # buffers, not parameters, but model state all the same
+        if buf in sd:
+            sd[buf] = torch.randn(sd[buf].shape)
     return sd
 
 

@@ -11,15 +11,15 @@ from flexmoe.convert.safetensors_io import load_model, load_model_dir, save_mode
 from flexmoe.flex.merge import merge
 from flexmoe.flex.optout import expert_mask
 from flexmoe.flex.release import remove_expert
-from helpers import TINY, make_packages, make_public
+from helpers import NGRAM_BUCKETS, TINY, make_packages, make_public
 from hfhelpers import refuse
 
 
 @pytest.fixture()
 def merged(tmp_path):
     public = make_public(tmp_path)
-    pkgs = make_packages(tmp_path, public, ["code", "legal", "math"])
-    return merge(public, pkgs, tmp_path / "merged", top_k=3)
+    pkgs = make_packages(tmp_path, public, ["code", "legal", "math"], ngram=True)
+    return merge(public, pkgs, tmp_path / "merged", top_k=3, routing="topk")
 
 
 @pytest.mark.parametrize("name,slot", [("legal", 2), ("owner-math", 3)])
@@ -54,6 +54,9 @@ def test_removing_twice_and_exporting(tmp_path, merged):
     assert [e["domain"] for e in meta["experts"]] == ["public", "legal"]
     assert [r["domain"] for r in meta["removed"]] == ["code", "math"]
     assert sd["domain_centroids"].shape == (2, TINY.d_model)
+    assert sd["domain_ngrams"].shape == (2, NGRAM_BUCKETS)  # document-routing profiles are sliced too
+    _, before, _ = load_model_dir(merged)
+    assert torch.equal(sd["domain_ngrams"], before["domain_ngrams"][[0, 2]])
     hf = export_hf(twice, tmp_path / "hf")
     assert json.loads((hf / "config.json").read_text())["num_experts"] == 2
 

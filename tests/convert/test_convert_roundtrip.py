@@ -129,15 +129,16 @@ def test_native_round_trip_keeps_what_hf_cannot_hold(tmp_path):
     from helpers import make_public
 
     public = make_public(tmp_path)
-    cfg = random_config(12, moe=True, gqa=True)
+    cfg = random_config(12, moe=True, gqa=True).replace(doc_ngram_buckets=16)
     native = make_native(tmp_path, cfg)
     _, sd, _ = load_model_dir(native)
-    assert sd["domain_centroids"].abs().sum() > 0
+    assert sd["domain_centroids"].abs().sum() > 0 and sd["domain_ngrams"].shape == (cfg.num_experts, 16)
     for src in (public, native):
         back = import_hf(export_hf(src, tmp_path / f"hf-{src.name}"), tmp_path / f"back-{src.name}")
         _, a, meta_a = load_model_dir(src)
         _, b, meta_b = load_model_dir(back)
         assert sorted(a) == sorted(b)
+        assert load_model_dir(back)[0].doc_ngram_buckets == load_model_dir(src)[0].doc_ngram_buckets
         assert [k for k in a if not torch.equal(a[k], b[k])] == []
         if src == public:
             rows = [load_file(str(d / m["router_embedding"]["router_public"]))["router_embedding"]

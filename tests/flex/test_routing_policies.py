@@ -7,7 +7,7 @@ import torch
 from flexmoe.convert.safetensors_io import load_model
 from flexmoe.flex.merge import merge
 from flexmoe.flex.optout import expert_mask
-from helpers import TINY, make_packages, make_public, make_trained_anchor
+from helpers import NGRAM_BUCKETS, TINY, make_packages, make_public, make_trained_anchor
 
 DOMAINS = ["code", "legal", "math"]
 
@@ -16,10 +16,10 @@ def _tokens(seed=0, shape=(3, 24)):
     return torch.randint(0, TINY.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("routing", ["anchor_top1", "anchor_doc"])
+@pytest.mark.parametrize("routing", ["anchor_top1", "anchor_doc", "anchor_ngram"])
 def test_opt_out_exact_under_policy(tmp_path, routing):
     public = make_public(tmp_path)
-    pkgs = make_packages(tmp_path, public, DOMAINS)
+    pkgs = make_packages(tmp_path, public, DOMAINS, ngram=routing == "anchor_ngram")
     full, _, meta = load_model(merge(public, pkgs, tmp_path / "all", routing=routing))
     tokens = _tokens()
     for dropped in DOMAINS:
@@ -51,10 +51,43 @@ def test_document_routing_reproduces_the_owners_model(tmp_path):
         torch.testing.assert_close(merged(tokens).logits, dense(tokens).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_document_routing_is_causal(tmp_path):
+def test_ngram_routing_reproduces_the_owners_model(tmp_path):
     public = make_public(tmp_path)
-    merged, _, _ = load_model(merge(public, make_packages(tmp_path, public, DOMAINS), tmp_path / "m",
-                                    routing="anchor_doc"))
+    pkgs = make_packages(tmp_path, public, DOMAINS, ngram=True)
+    merged, cfg, _ = load_model(merge(public, pkgs, tmp_path / "m", routing="anchor_ngram"))
+    assert cfg.doc_ngram_buckets == NGRAM_BUCKETS
+    tokens = _tokens(1)
+    for j, d in enumerate(DOMAINS, start=1):
+        with torch.no_grad():  # owner d's profile gives every n-gram the highest probability: d wins everywhere
+            merged.domain_ngrams.fill_(-50.0)
+            merged.domain_ngrams[j] = -1.0
+        owner, _, _ = load_model(tmp_path / f"trained-{d}")
+        with torch.no_grad():
+            torch.testing.assert_close(merged(tokens).logits, owner(tokens).logits, atol=1e-5, rtol=1e-5)
+    dense, _, _ = load_model(public)
+    with torch.no_grad():
+        merged.domain_ngrams.fill_(-50.0)
+        merged.domain_ngrams[0] = -1.0
+        torch.testing.assert_close(merged(tokens).logits, dense(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_ngram_routing_refused_without_profiles(tmp_path):
+    from flexmoe.convert.safetensors_io import CheckpointError
+
+    public = make_public(tmp_path)
+    pkgs = make_packages(tmp_path, public, ["code"], ngram=True) + make_packages(tmp_path, public, ["legal"])
+    with pytest.raises(CheckpointError, match=r"pkg-legal/expert.safetensors: has no n-gram profile"):
+        merge(public, pkgs, tmp_path / "m", routing="anchor_ngram")
+    assert not (tmp_path / "m").exists()
+    _, cfg, _ = load_model(merge(public, pkgs, tmp_path / "m-topk"))  # top-k needs none: merged without them
+    assert cfg.doc_ngram_buckets == 0
+
+
+@pytest.mark.parametrize("routing", ["anchor_doc", "anchor_ngram"])
+def test_document_routing_is_causal(tmp_path, routing):
+    public = make_public(tmp_path)
+    merged, _, _ = load_model(merge(public, make_packages(tmp_path, public, DOMAINS, ngram=True), tmp_path / "m",
+                                    routing=routing))
     a = _tokens(2, (2, 30))
     b = a.clone()
     b[:, 20:] = _tokens(3, (2, 10))

@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 
+# Routing policies (see ModelConfig.routing); only topk is expressible in Hugging Face FlexOlmo.
+ROUTINGS = ("topk", "anchor_top1", "anchor_doc", "anchor_ngram")
+# MoE buffers of document routing (per expert, dim 0) with no Hugging Face counterpart: a
+# checkpoint may lack them (loaded as zeros); top-k routing never reads them.
+NATIVE_BUFFERS = ("domain_centroids", "domain_ngrams")
+
+
 @dataclass
 class ModelConfig:
     """Shape of an OLMo-2 / FlexOlmo decoder.
@@ -35,8 +42,11 @@ class ModelConfig:
     # plus the best domain expert by router logit. anchor_doc: the anchor plus the domain expert
     # whose centroid is nearest the causal running mean of the document's layer-0 FFN input (no
     # expert when the public centroid is nearest). Both anchor_* policies weigh the pair by a 2-way
-    # softmax, which is exactly what the owner's own 2-expert model computes.
+    # softmax, which is exactly what the owner's own 2-expert model computes. anchor_ngram: like
+    # anchor_doc, but the domain expert is the one whose n-gram profile (model/docroute.py) best
+    # explains the window's tokens so far.
     routing: str = "topk"
+    doc_ngram_buckets: int = 0  # > 0: the model carries per-expert n-gram profiles (`domain_ngrams`)
     lb_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
     # Implementation choices ("auto" picks the fast path that is importable).
@@ -75,8 +85,11 @@ class ModelConfig:
             (self.num_experts >= 0, "model.num_experts must be >= 0"),
             (self.num_experts == 0 or 1 <= self.top_k <= self.num_experts,
              f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}"),
-            (self.routing in ("topk", "anchor_top1", "anchor_doc"),
-             f"model.routing={self.routing!r} is not topk|anchor_top1|anchor_doc"),
+            (self.routing in ROUTINGS, f"model.routing={self.routing!r} is not {'|'.join(ROUTINGS)}"),
+            (self.doc_ngram_buckets >= 0, f"model.doc_ngram_buckets={self.doc_ngram_buckets} must be >= 0"),
+            (self.routing != "anchor_ngram" or self.doc_ngram_buckets > 0,
+             "model.routing=anchor_ngram needs n-gram profiles (model.doc_ngram_buckets > 0): merge packages made "
+             "from `flexmoe router-embed` output that carries them"),
             (self.attn_impl in ("auto", "sdpa", "flash", "eager"), f"model.attn_impl={self.attn_impl!r} is not auto|sdpa|flash|eager"),
             (self.moe_impl in ("auto", "grouped", "loop"), f"model.moe_impl={self.moe_impl!r} is not auto|grouped|loop"),
             (self.norm_impl in ("auto", "torch", "apex"), f"model.norm_impl={self.norm_impl!r} is not auto|torch|apex"),

@@ -16,6 +16,10 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch per rank
     verify: bool = True  # check every shard's sha256 against its manifest on load
+    # lm: plain next-token windows (`flexmoe prepare-data`). sft: chat data from
+    # `flexmoe prepare-data --format sft`; loss on assistant tokens only, attention kept inside
+    # each packed example.
+    format: str = "lm"
 
 
 @dataclass
@@ -29,6 +33,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
 
+
+# The values of data.format, named here so the CLI can refuse a typo before importing torch.
+DATA_FORMATS = ("lm", "sft")
 
 # The freeze plans of flexmoe.flex.freeze.PLANS, named here so the CLI can refuse a typo before
 # importing torch (tests/test_config.py keeps the two lists equal).
@@ -75,6 +82,45 @@ class OwnerConfig:
     licence: str = "unspecified"
 
 
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass
+class PrivacyConfig:
+    """`privacy.*` settings of a DP-SGD run (RunConfig gains `privacy: PrivacyConfig`)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0  # sigma: noise std / max_grad_norm; 0 with target_epsilon: calibrated
+    max_grad_norm: float = 1.0  # per-sample clipping norm C
+    delta: float = 1e-5  # must be below 1 / number of training windows
+    target_epsilon: float = 0.0  # > 0: stop before the step that would exceed it
+    sampling_rate: float = 0.0  # Poisson rate q; 0: data.batch_size / number of windows
+    accountant: str = "rdp"  # rdp (built in) | prv (opacus' PRV accountant, extra `dp`)
+    # None draws the noise and sampling seed from os.urandom. A fixed seed makes runs repeatable
+    # but lets anyone who knows it subtract the noise: tests only, never for a released expert.
+    noise_seed: Optional[int] = None
+    # The owner's router embedding (`flexmoe router-embed`) and document centroid are means over
+    # the owner's data computed without noise: a DP expert starts from a zero owner row (branch
+    # without --router-embedding). True accepts such a start, and the dp record says so.
+    allow_nonprivate_router_init: bool = False
+
+    def validate(self) -> None:
+        """Refuse settings that give no guarantee or no training, naming the setting."""
+        checks = [
+            (self.accountant in ACCOUNTANTS, f"privacy.accountant={self.accountant!r} is not rdp|prv"),
+            (self.max_grad_norm > 0, f"privacy.max_grad_norm={self.max_grad_norm} must be > 0"),
+            (0 < self.delta < 1, f"privacy.delta={self.delta} must be in (0, 1), e.g. 1e-5"),
+            (self.noise_multiplier >= 0, f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0"),
+            (self.noise_multiplier > 0 or self.target_epsilon > 0,
+             "privacy.noise_multiplier=0 gives no privacy; set it > 0, or set privacy.target_epsilon to calibrate it"),
+            (self.target_epsilon >= 0, f"privacy.target_epsilon={self.target_epsilon} must be >= 0 (0: no target)"),
+            (0 <= self.sampling_rate <= 1, f"privacy.sampling_rate={self.sampling_rate} must be in [0, 1]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"
@@ -87,6 +133,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     meta: OwnerConfig = field(default_factory=OwnerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # enabled=true: DP-SGD (train/privacy.py)
     tokenizer: Optional[str] = None  # recorded in the output; `bytes` or a tokenizer directory
     dry_run: bool = False
     extra: List[str] = field(default_factory=list)

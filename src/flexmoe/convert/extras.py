@@ -1,7 +1,7 @@
 """What a Hugging Face directory has no place for rides along in its `flexmoe/` subfolder.
 
 The public model's router row (merge takes row 0 from it) and native-only tensors (document
-routing's `domain_centroids`) would be lost in an HF export, and an HF import or an HF public
+routing's `domain_centroids` and `domain_ngrams`) would be lost in an HF export, and an HF import or an HF public
 model in `merge` would get zeros instead. They sit in a subfolder because vLLM and others load
 every `*.safetensors` at the top level of a checkpoint directory; flexmoe.json points at them.
 """
@@ -44,8 +44,11 @@ def read_extras(hf_dir: Path, cfg: ModelConfig) -> tuple[dict[str, LazyTensor], 
     tensors: dict[str, LazyTensor] = {}
     if meta.get("native_only"):
         f = _inside(hf_dir, meta["native_only"])
+        header = read_header(f)[0]
+        if "domain_ngrams" in header:  # HF config.json has no field for the profiles' bucket count
+            cfg = cfg.replace(doc_ngram_buckets=int(header["domain_ngrams"].shape[-1]))
         want = native_shapes(cfg)
-        for k, t in read_header(f)[0].items():
+        for k, t in header.items():
             if k not in NATIVE_ONLY or t.shape != want.get(k):
                 raise CheckpointError(f"{f}: {k} {list(t.shape)} does not belong to the model {hf_dir / 'config.json'} "
                                       "describes; remove the file or re-export")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from flexmoe.config.model import ModelConfig
+from flexmoe.config.model import NATIVE_BUFFERS, ModelConfig
 
 # (native template, HF template, kind); [layer] and [expert] are placeholders.
 KEY_TABLE: list[tuple[str, str, str]] = [
@@ -187,8 +187,9 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # Native MoE tensors with no Hugging Face counterpart, which a native model may lack (loaded as zeros):
-# document routing's per-expert centroids. Export leaves them out; top-k routing never reads them.
-NATIVE_ONLY = ("domain_centroids",)
+# document routing's per-expert centroids and n-gram profiles. Export leaves them out (keeping them
+# beside the HF files, convert/extras.py); top-k routing never reads them.
+NATIVE_ONLY = NATIVE_BUFFERS
 
 
 def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -202,4 +203,6 @@ def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out.update({f"layers.{i}.ffn.router.bias": (cfg.num_experts,) for i in range(cfg.num_layers)})
     if cfg.is_moe:
         out["domain_centroids"] = (cfg.num_experts, cfg.d_model)
+        if cfg.doc_ngram_buckets > 0:
+            out["domain_ngrams"] = (cfg.num_experts, cfg.doc_ngram_buckets)
     return out

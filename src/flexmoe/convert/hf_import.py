@@ -26,15 +26,18 @@ def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> P
     src = Path(src)
     ck = open_hf_dir(src)
     native_only, router_public = read_extras(src, ck.cfg)
+    cfg = ck.cfg
+    if "domain_ngrams" in native_only:  # n-gram profiles carried by export-hf: keep them usable
+        cfg = cfg.replace(doc_ngram_buckets=int(native_only["domain_ngrams"].shape[-1]))
     tensors = dict(sorted({**ck.native(), **native_only}.items()))
     with FilePool() as pool, atomic_dir(dst, overwrite=overwrite) as tmp:
         # The fingerprint pass reads the shared tensors once more; it comes first so a
         # checkpoint that fails to read fails before anything is written.
         fp = stream_fingerprint(tensors, pool)
         meta: dict[str, Any] = {"source": {"format": "hf", "architecture": ck.architecture, "path": str(src)}}
-        if ck.cfg.is_moe:
-            meta.update(kind="anchor" if ck.cfg.num_experts == 2 else "merged", base_fingerprint=fp,
-                        experts=expert_names(src, ck.cfg.num_experts))
+        if cfg.is_moe:
+            meta.update(kind="anchor" if cfg.num_experts == 2 else "merged", base_fingerprint=fp,
+                        experts=expert_names(src, cfg.num_experts))
             src_meta = read_json(src / META) if (src / META).is_file() else {}
             if src_meta.get("removed"):
                 meta["removed"] = src_meta["removed"]
@@ -47,6 +50,6 @@ def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> P
             shutil.copy2(router_public, tmp / ROUTER_PUBLIC)
             meta["router_embedding"], hashed = {"router_public": ROUTER_PUBLIC}, (ROUTER_PUBLIC,)
         progress = Progress(f"import-hf {src.name}", sum(t.nbytes for t in tensors.values()))
-        write_native(tmp, ck.cfg, tensors, meta, pool, progress, hashed=hashed)
+        write_native(tmp, cfg, tensors, meta, pool, progress, hashed=hashed)
         progress.finish(f"{len(tensors)} tensors -> {dst}")
     return Path(dst)

@@ -54,6 +54,8 @@ def read_hf_anchor(hf_dir: str | Path, public_fingerprint: str,
             tensors["domain_embedding"] = pool.read(native["domain_centroids"][1]).float()
         else:  # another stack's checkpoint: branch takes the centroids from the layer-0 router rows, so do the same
             tensors["domain_embedding"] = tensors["layers.0.router"].float()
+        if "domain_ngrams" in native:  # the owner's n-gram profile, carried by our export-hf
+            tensors["domain_ngram"] = pool.read(native["domain_ngrams"][1]).float()
     named = listed_expert_names(hf_dir, 2)
     # Unnamed checkpoints take the directory's name, so two of them in one merge stay distinct.
     owner = named[1] if named else {"owner": hf_dir.name, "domain": hf_dir.name}

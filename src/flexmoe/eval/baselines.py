@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flexmoe.config.model import NATIVE_BUFFERS
 from flexmoe.model import Transformer
 
 
@@ -16,7 +17,7 @@ def soup_model(merged: Transformer) -> Transformer:
     cfg = merged.cfg.replace(num_experts=0, router_bias=False)
     sd = {}
     for k, v in merged.state_dict().items():
-        if ".ffn.router." in k or k == "domain_centroids":
+        if ".ffn.router." in k or k in NATIVE_BUFFERS:
             continue
         if ".ffn.experts." in k:
             layer, name = k.split(".")[1], k.rsplit(".", 1)[1]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexmoe.config.model import ROUTINGS
 from flexmoe.convert.safetensors_io import load_model
 from flexmoe.eval.baselines import ensemble_logprobs, soup_model
 from flexmoe.eval.perplexity import model_logprobs, perplexity
@@ -40,7 +41,9 @@ def evaluate_lifecycle(public_dir: Path, merged_dir: Path, expert_dirs: dict[str
     for d in expert_dirs:
         ppl[f"merged-without/{d}"] = row(model_logprobs(merged, expert_mask(meta["experts"], [d])))
     # The same merged weights under the other routing policies (a setting, not a retrain).
-    for policy in ("topk", "anchor_top1", "anchor_doc"):
+    for policy in ROUTINGS:
+        if policy == "anchor_ngram" and not mcfg.doc_ngram_buckets:
+            continue  # merged from packages without n-gram profiles
         if policy != mcfg.routing:
             alt = type(merged)(mcfg.replace(routing=policy))
             alt.load_state_dict(merged.state_dict())
@@ -51,7 +54,7 @@ def evaluate_lifecycle(public_dir: Path, merged_dir: Path, expert_dirs: dict[str
     return {
         "eval_domains": list(windows), "perplexity": ppl,
         "routing_shares": {d: s.tolist() for d, s in shares.items()},
-        "experts": [e["domain"] for e in meta["experts"]], "top_k": mcfg.top_k,
+        "experts": [e["domain"] for e in meta["experts"]], "top_k": mcfg.top_k, "routing": mcfg.routing,
     }
 
 
@@ -67,6 +70,45 @@ def check_claims(ppl: dict[str, dict[str, float]], domains: list[str]) -> list[t
     return claims
 
 
+# The routing-quality bounds the default recipe is held to (README "Routing quality").
+EXPERT_RATIO_MAX = 1.10  # merged[d] <= 1.10 x expert/d[d]
+OPT_OUT_DRIFT_MAX = 0.03  # opting d out moves merged[e] by at most 3% for every other domain e
+PUBLIC_RATIO_MAX = 1.05  # merged <= 1.05 x public on public text
+SOUP_GAIN_MIN = 0.10  # mean merged at least 10% below mean soup over expert domains
+
+
+def routing_quality(ppl: dict[str, dict[str, float]], domains: list[str], merged: str = "merged",
+                    public_domain: str = "public") -> dict[str, Any]:
+    """The routing-quality numbers of one merged row: merged/expert ratio per expert domain, the
+    largest opt-out drift on each other domain, merged/public on public text, merged vs soup."""
+    m = ppl[merged]
+    ratio = {d: m[d] / ppl[f"expert/{d}"][d] for d in domains}
+    evald = list(m)
+    drift = {}
+    for d in domains:
+        row = ppl.get(f"{merged}-without/{d}") or ppl.get(f"merged-without/{d}")
+        drift[d] = max((abs(row[e] / m[e] - 1) for e in evald if e != d), default=0.0)
+    mean = lambda r: float(np.mean([r[d] for d in domains]))  # noqa: E731
+    out = {"expert_ratio": ratio, "opt_out_drift": drift, "soup_gain": 1 - mean(m) / mean(ppl["soup"])}
+    if public_domain in m:
+        out["public_ratio"] = m[public_domain] / ppl["public"][public_domain]
+    return out
+
+
+def quality_claims(q: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The routing-quality bounds as (claim, holds) pairs."""
+    claims = [(f"merged[{d}] / expert/{d}[{d}] = {r:.3f} <= {EXPERT_RATIO_MAX}", r <= EXPERT_RATIO_MAX)
+              for d, r in q["expert_ratio"].items()]
+    claims += [(f"opting {d} out moves other domains by at most {v:.1%} <= {OPT_OUT_DRIFT_MAX:.0%}",
+                v <= OPT_OUT_DRIFT_MAX) for d, v in q["opt_out_drift"].items()]
+    if "public_ratio" in q:
+        claims.append((f"merged / public on public text = {q['public_ratio']:.3f} <= {PUBLIC_RATIO_MAX}",
+                       q["public_ratio"] <= PUBLIC_RATIO_MAX))
+    claims.append((f"mean merged is {q['soup_gain']:.1%} below mean soup (>= {SOUP_GAIN_MIN:.0%})",
+                   q["soup_gain"] >= SOUP_GAIN_MIN))
+    return claims
+
+
 def write_report(out: Path, results: dict[str, Any], domains: list[str]) -> None:
     """report.json (machine-readable), report.md (table, claims, heatmap) and routing_heatmap.png."""
     ppl, evald = results["perplexity"], results["eval_domains"]
@@ -74,6 +116,9 @@ def write_report(out: Path, results: dict[str, Any], domains: list[str]) -> None
                         out / "routing_heatmap.png", f"merged model: share of tokens per expert (top-{results['top_k']})")
     claims = check_claims(ppl, domains)
     results["claims"] = {c: ok for c, ok in claims}
+    quality = routing_quality(ppl, domains)
+    results["routing_quality"] = quality
+    results["routing_quality_claims"] = {c: ok for c, ok in quality_claims(quality)}
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(out / "report.json")
@@ -91,5 +136,7 @@ def write_report(out: Path, results: dict[str, Any], domains: list[str]) -> None
               "distributions averaged; `merged[routing=...]` the same merged weights under another routing policy "
               "(see `model.routing`).", "", "## Claims checked on these numbers", ""]
     lines += [f"- [{'x' if ok else ' '}] {c}" for c, ok in claims]
+    lines += ["", f"## Routing quality of `merged` (routing={results.get('routing', 'topk')})", ""]
+    lines += [f"- [{'x' if ok else ' '}] {c}" for c, ok in results["routing_quality_claims"].items()]
     lines += ["", "## Routing", "", f"![routing heatmap]({heat.name})", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")

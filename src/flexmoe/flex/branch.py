@@ -13,15 +13,19 @@ from flexmoe.flex.fingerprint import fingerprint
 
 def branch_state_dict(
     cfg: ModelConfig, sd: dict[str, torch.Tensor], router_rows: torch.Tensor | None = None,
+    ngram_profiles: torch.Tensor | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Dense state dict -> 2-expert state dict.
 
     `router_rows` `[L, 2, D]` (public row, owner row) initialise the routers; without them the
     router is zero, i.e. both experts weigh 1/2, and the branched model computes the dense one.
+    `ngram_profiles` `[2, buckets]` (public, owner): document-routing profiles carried along to
+    the package (model/docroute.py); training never reads them.
     """
     if cfg.is_moe:
         raise CheckpointError("branch needs a dense public model (model.num_experts=0)")
-    moe_cfg = cfg.replace(num_experts=2, top_k=2)
+    buckets = int(ngram_profiles.shape[-1]) if ngram_profiles is not None else 0
+    moe_cfg = cfg.replace(num_experts=2, top_k=2, doc_ngram_buckets=buckets)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if ".ffn." not in k:
@@ -38,33 +42,49 @@ def branch_state_dict(
             out[f"layers.{i}.ffn.router.bias"] = torch.zeros(2)
     # Layer-0 rows double as the domain centroids of document routing (public, owner).
     out["domain_centroids"] = router_rows[0].float().clone() if router_rows is not None else torch.zeros(2, cfg.d_model)
+    if ngram_profiles is not None:
+        out["domain_ngrams"] = ngram_profiles.float().clone()
     return moe_cfg, out
 
 
 def branch(public_dir: str | Path, out_dir: str | Path, owner_rows: torch.Tensor | None = None,
-           public_rows: torch.Tensor | None = None, *, router_bias: bool = False, overwrite: bool = False) -> Path:
+           public_rows: torch.Tensor | None = None, *, router_bias: bool = False, overwrite: bool = False,
+           owner_ngram: torch.Tensor | None = None, public_ngram: torch.Tensor | None = None) -> Path:
     """Write the owner's 2-expert anchor model from the public model directory.
 
     `owner_rows`/`public_rows` `[L, D]`: router embeddings (see `flexmoe router-embed`); the public
-    rows default to the ones shipped with the public model.
+    rows default to the ones shipped with the public model. `owner_ngram`/`public_ngram`
+    `[buckets]`: n-gram profiles from the same files, carried for routing=anchor_ngram.
     """
     cfg, sd, meta = load_model_dir(public_dir)
-    if public_rows is None and "router_public" in (meta.get("router_embedding") or {}):
-        public_rows = _load_rows(Path(public_dir) / meta["router_embedding"]["router_public"])
+    public_file = (meta.get("router_embedding") or {}).get("router_public")
+    if public_rows is None and public_file:
+        public_rows = _load_rows(Path(public_dir) / public_file)
+    profiles = None
+    if owner_ngram is not None:
+        if public_ngram is None and public_file:
+            public_ngram = _load_rows(Path(public_dir) / public_file, "domain_ngram")
+        if public_ngram is None:
+            raise CheckpointError(f"{public_dir}: its public router embedding has no n-gram profile; re-run "
+                                  "`flexmoe router-embed --public` to make one")
+        if public_ngram.shape != owner_ngram.shape:
+            raise CheckpointError(f"{public_dir}: public n-gram profile has {public_ngram.shape[-1]} buckets, the "
+                                  f"owner's {owner_ngram.shape[-1]}; make both with the same --ngram-buckets")
+        profiles = torch.stack([public_ngram, owner_ngram])
     rows = None
     if owner_rows is not None:
         if public_rows is None:
             raise CheckpointError(f"{public_dir}: has no public router embedding; run `flexmoe router-embed --public` first")
         rows = torch.stack([public_rows, owner_rows], dim=1)
     cfg = cfg.replace(router_bias=router_bias)
-    moe_cfg, out = branch_state_dict(cfg, sd, rows)
+    moe_cfg, out = branch_state_dict(cfg, sd, rows, profiles)
     fp = meta.get("fingerprint") or fingerprint(sd)
     new_meta = {"kind": "anchor", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"),
                 "experts": [{"slot": 0, "owner": "public", "domain": "public"}]}
     return save_model_dir(out_dir, moe_cfg, out, new_meta, overwrite=overwrite)
 
 
-def _load_rows(path: Path) -> torch.Tensor:
+def _load_rows(path: Path, key: str = "router_embedding") -> torch.Tensor | None:
     from safetensors.torch import load_file
 
-    return load_file(str(path))["router_embedding"]
+    return load_file(str(path)).get(key) if key != "router_embedding" else load_file(str(path))[key]

@@ -7,6 +7,8 @@ import re
 
 import torch
 
+from flexmoe.config.model import NATIVE_BUFFERS
+
 _EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(gate_proj|up_proj|down_proj)$")
 _DENSE = re.compile(r"^layers\.(\d+)\.ffn\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -18,7 +20,7 @@ def anchor_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out = {}
     for k, v in sd.items():
-        if ".ffn.router." in k or k == "domain_centroids":
+        if ".ffn.router." in k or k in NATIVE_BUFFERS:  # routing state, per expert
             continue
         m = _EXPERT.match(k)
         if m:

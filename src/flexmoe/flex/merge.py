@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flexmoe.config.model import ROUTINGS
 from flexmoe.convert.hf_dir import hf_architecture
 from flexmoe.convert.hf_package import read_hf_anchor, read_hf_public
 from flexmoe.convert.safetensors_io import CheckpointError, load_model_dir, save_model_dir
@@ -25,14 +26,18 @@ from flexmoe.flex.package import read_package
 
 
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
-          norm_topk_prob: bool = False, routing: str = "topk", shared: str = "public",
+          norm_topk_prob: bool = False, routing: str = "auto", shared: str = "public",
           router_rows: str = "raw", overwrite: bool = False) -> Path:
     """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package.
 
     `shared`: `public` keeps the public model's shared tensors (FlexOlmo); `average` takes the mean
     over the packages' copies (BAR), a package without trained shared tensors counting the public
     copy. Either way the relative L2 divergence of every shipped shared tensor is recorded.
+    `routing`: a policy of ModelConfig.routing, or `auto`: anchor_ngram when the public model and
+    every package carry n-gram profiles (the measured best, README "Routing quality"), else topk.
     """
+    if routing != "auto" and routing not in ROUTINGS:
+        raise CheckpointError(f"routing={routing!r} is not auto|{'|'.join(ROUTINGS)}")
     if shared not in ("public", "average"):
         raise CheckpointError(f"shared={shared!r} is not public|average")
     if router_rows not in ROW_TRANSFORMS:
@@ -95,8 +100,15 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     # Document routing's centroids: the public row and each owner's embedding at layer 0.
     out["domain_centroids"] = torch.stack(
         [public_rows[0]] + [t.get("domain_embedding", torch.zeros(cfg.d_model)).float() for _, _, t in loaded])
+    profiles = _ngram_profiles(public_dir, meta, loaded, required=routing == "anchor_ngram")
+    if routing == "auto":
+        routing = "anchor_ngram" if profiles is not None else "topk"
+        print(f"[flexmoe] merge: routing={routing}" + ("" if profiles is not None else " (not every package carries an "
+              "n-gram profile for anchor_ngram)"), file=sys.stderr)
+    if profiles is not None:  # n-gram profiles of document routing: public data's, then each owner's
+        out["domain_ngrams"] = profiles
     merged_cfg = cfg.replace(num_experts=num_experts, top_k=k, norm_topk_prob=norm_topk_prob, router_bias=use_bias,
-                             routing=routing)
+                             routing=routing, doc_ngram_buckets=int(profiles.shape[-1]) if profiles is not None else 0)
     experts = [{"slot": 0, "owner": "public", "domain": "public", "licence": meta.get("licence", "unspecified"),
                 "consent": meta.get("consent") or PUBLIC_CONSENT}]
     for j, (pkg, m, _) in enumerate(loaded, start=1):
@@ -140,6 +152,29 @@ def _public_rows(public_dir: Path, meta: dict[str, Any], cfg) -> torch.Tensor:
         print(f"[flexmoe] warning: {public_dir} ships no public router row; using zeros", file=sys.stderr)
         return torch.zeros(cfg.num_layers, cfg.d_model)
     return load_file(str(public_dir / name))["router_embedding"].float()
+
+
+def _ngram_profiles(public_dir: Path, meta: dict[str, Any], loaded, *, required: bool) -> torch.Tensor | None:
+    """`[N+1, buckets]` n-gram profiles when the public model and every package carry one; None
+    otherwise, or an error naming what lacks one when the routing needs them."""
+    from safetensors.torch import load_file
+
+    name = (meta.get("router_embedding") or {}).get("router_public")
+    public = load_file(str(public_dir / name)).get("domain_ngram") if name else None
+    rows = [public] + [t.get("domain_ngram") for _, _, t in loaded]
+    where = [public_dir / name if name else public_dir] + [pkg / "expert.safetensors" for pkg, _, _ in loaded]
+    missing = [str(w) for w, r in zip(where, rows) if r is None]
+    if missing:
+        if required:
+            raise CheckpointError(f"{missing[0]}: has no n-gram profile, which routing=anchor_ngram needs; re-run "
+                                  "`flexmoe router-embed` (the public one with --public) and branch again")
+        return None
+    sizes = {int(r.shape[-1]) for r in rows}
+    if len(sizes) > 1 or any(r.dim() != 1 for r in rows):
+        bad = next(w for w, r in zip(where, rows) if r.dim() != 1 or r.shape[-1] != rows[0].shape[-1])
+        raise CheckpointError(f"{bad}: n-gram profile of shape {tuple(rows[where.index(bad)].shape)} does not match "
+                              f"the public model's ({rows[0].shape[-1]},); make every profile with one --ngram-buckets")
+    return torch.stack([r.float() for r in rows])
 
 
 def _common_norm(rows_ED: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from flexmoe.config.model import NATIVE_BUFFERS
 from flexmoe.convert.safetensors_io import CheckpointError, atomic_dir, load_model_dir, sha256_file, write_json
 from flexmoe.flex.consent import make_consent
 from flexmoe.flex.fingerprint import fingerprint
@@ -51,7 +52,7 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
     tensors: dict[str, torch.Tensor] = {}
     if include_shared:
         for k, v in sd.items():
-            if ".ffn." not in k and k != "domain_centroids":
+            if ".ffn." not in k and k not in NATIVE_BUFFERS:
                 tensors[f"shared.{k}"] = v.contiguous()
     for i in range(cfg.num_layers):
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -62,6 +63,8 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
             tensors[f"layers.{i}.bias"] = bias[1:2].clamp(max=0).contiguous()
     if "domain_centroids" in sd:  # the owner's layer-0 embedding, for document routing
         tensors["domain_embedding"] = sd["domain_centroids"][1].float().contiguous()
+    if "domain_ngrams" in sd:  # the owner's n-gram profile, for routing=anchor_ngram
+        tensors["domain_ngram"] = sd["domain_ngrams"][1].float().contiguous()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         manifest = {

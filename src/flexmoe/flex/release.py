@@ -22,7 +22,7 @@ from flexmoe.convert.stream import FilePool, LazyTensor, read_header, stack
 
 # Tensors with one slice per expert along dim 0.
 _PER_EXPERT = re.compile(
-    r"^(layers\.\d+\.ffn\.(experts\.(gate_proj|up_proj|down_proj)|router\.weight|router\.bias)|domain_centroids)$")
+    r"^(layers\.\d+\.ffn\.(experts\.(gate_proj|up_proj|down_proj)|router\.weight|router\.bias)|domain_centroids|domain_ngrams)$")
 
 
 def remove_expert(src: str | Path, dst: str | Path, name: str, *, overwrite: bool = False) -> Path:

@@ -2,7 +2,8 @@
 
 Default: the mean over the owner's tokens of the public model's hidden state at each FFN input
 (the router's own input space). Option: a sentence-transformers embedder given by local path,
-mean document embedding projected to d_model by a fixed, seeded random matrix.
+mean document embedding projected to d_model by a fixed, seeded random matrix. Beside the rows,
+the data's n-gram profile (model/docroute.py) for document routing (`routing=anchor_ngram`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from flexmoe.convert.safetensors_io import CheckpointError, load_model, read_json, sha256_file, write_json
+from flexmoe.model.docroute import DEFAULT_BUCKETS, ngram_profile
 
 
 @torch.no_grad()
@@ -60,8 +62,10 @@ def embedder_embedding(embedder_path: str | Path, texts: list[str], d_model: int
 
 def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_file: str | Path, *,
                              seq_len: int = 256, num_windows: int = 128, embedder: str | None = None,
-                             seed: int = 0) -> torch.Tensor:
-    """Write `{"router_embedding": [L, D]}` safetensors for the data in `data_dir` under `model_dir`."""
+                             seed: int = 0, ngram_buckets: int = DEFAULT_BUCKETS) -> torch.Tensor:
+    """Write `{"router_embedding": [L, D]}` safetensors for the data in `data_dir` under `model_dir`,
+    with `"domain_ngram": [ngram_buckets]`, the data's n-gram profile for document routing, unless
+    `ngram_buckets` is 0."""
     from safetensors.torch import save_file
 
     from flexmoe.data import TokenWindows, load_tokenizer
@@ -77,7 +81,10 @@ def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_fi
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".tmp")
-    save_file({"router_embedding": rows.contiguous()}, str(tmp),
+    tensors = {"router_embedding": rows.contiguous()}
+    if ngram_buckets > 0:
+        tensors["domain_ngram"] = ngram_profile(data_dir, ngram_buckets).contiguous()
+    save_file(tensors, str(tmp),
               metadata={"method": "embedder" if embedder else "hidden_state", "data": str(data_dir)})
     tmp.replace(out_file)
     return rows

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flexmoe.config.model import ModelConfig
+from flexmoe.config.model import NATIVE_BUFFERS, ModelConfig
 from flexmoe.model.attention import Attention
+from flexmoe.model.docroute import ngram_choice
 from flexmoe.model.ffn import DenseFFN
 from flexmoe.model.moe import MoE, Routing
 from flexmoe.model.norm import RMSNorm
@@ -54,6 +55,9 @@ class Transformer(nn.Module):
             # Per-expert mean layer-0 FFN input of its owner's data (slot 0: public data), for
             # routing=anchor_doc. Stored in model.safetensors; absent in HF checkpoints (zeros).
             self.register_buffer("domain_centroids", torch.zeros(cfg.num_experts, cfg.d_model))
+            if cfg.doc_ngram_buckets > 0:
+                # Per-expert n-gram profiles (log-frequencies, model/docroute.py), for routing=anchor_ngram.
+                self.register_buffer("domain_ngrams", torch.zeros(cfg.num_experts, cfg.doc_ngram_buckets))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -75,8 +79,9 @@ class Transformer(nn.Module):
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.cfg.is_moe and "domain_centroids" not in state_dict:
-            state_dict = dict(state_dict, domain_centroids=self.domain_centroids.detach().clone())
+        for name in NATIVE_BUFFERS:  # absent from HF checkpoints and older native ones: keep zeros
+            if hasattr(self, name) and name not in state_dict:
+                state_dict = dict(state_dict, **{name: getattr(self, name).detach().clone()})
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
@@ -118,6 +123,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope(S, x.device)
         captured: list[torch.Tensor] | None = [] if capture_hidden else None
         choice = None
+        if self.cfg.is_moe and self.cfg.routing == "anchor_ngram":
+            choice = ngram_choice(tokens_BS, self.domain_ngrams, expert_mask)
         for i, block in enumerate(self.layers):
             h = block.attend(x, cos, sin, doc_ids)
             if captured is not None:

@@ -26,54 +26,19 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flexmoe.config.train import ACCOUNTANTS, PrivacyConfig  # noqa: F401  (re-exported)
+
 # Renyi orders searched for the tightest (epsilon, delta) conversion: fine steps below 11, where
 # the optimum sits for epsilon of a few; integers above for small epsilon and large noise.
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256])
-ACCOUNTANTS = ("rdp", "prv")
-
-
-@dataclass
-class PrivacyConfig:
-    """`privacy.*` settings of a DP-SGD run (RunConfig gains `privacy: PrivacyConfig`)."""
-
-    enabled: bool = False
-    noise_multiplier: float = 1.0  # sigma: noise std / max_grad_norm; 0 with target_epsilon: calibrated
-    max_grad_norm: float = 1.0  # per-sample clipping norm C
-    delta: float = 1e-5  # must be below 1 / number of training windows
-    target_epsilon: float = 0.0  # > 0: stop before the step that would exceed it
-    sampling_rate: float = 0.0  # Poisson rate q; 0: data.batch_size / number of windows
-    accountant: str = "rdp"  # rdp (built in) | prv (opacus' PRV accountant, extra `dp`)
-    # None draws the noise and sampling seed from os.urandom. A fixed seed makes runs repeatable
-    # but lets anyone who knows it subtract the noise: tests only, never for a released expert.
-    noise_seed: Optional[int] = None
-    # The owner's router embedding (`flexmoe router-embed`) and document centroid are means over
-    # the owner's data computed without noise: a DP expert starts from a zero owner row (branch
-    # without --router-embedding). True accepts such a start, and the dp record says so.
-    allow_nonprivate_router_init: bool = False
-
-    def validate(self) -> None:
-        """Refuse settings that give no guarantee or no training, naming the setting."""
-        checks = [
-            (self.accountant in ACCOUNTANTS, f"privacy.accountant={self.accountant!r} is not rdp|prv"),
-            (self.max_grad_norm > 0, f"privacy.max_grad_norm={self.max_grad_norm} must be > 0"),
-            (0 < self.delta < 1, f"privacy.delta={self.delta} must be in (0, 1), e.g. 1e-5"),
-            (self.noise_multiplier >= 0, f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0"),
-            (self.noise_multiplier > 0 or self.target_epsilon > 0,
-             "privacy.noise_multiplier=0 gives no privacy; set it > 0, or set privacy.target_epsilon to calibrate it"),
-            (self.target_epsilon >= 0, f"privacy.target_epsilon={self.target_epsilon} must be >= 0 (0: no target)"),
-            (0 <= self.sampling_rate <= 1, f"privacy.sampling_rate={self.sampling_rate} must be in [0, 1]"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
 
 
 # --- accounting: Renyi DP of the Poisson-subsampled Gaussian mechanism ---------------------------
@@ -198,7 +163,8 @@ def make_accountant(name: str) -> RDPAccountant | OpacusAccountant:
     raise ValueError(f"privacy.accountant={name!r} is not rdp|prv")
 
 
-def epsilon_after(steps: int, noise_multiplier: float, sample_rate: float, delta: float, accountant: str = "rdp") -> float:
+def epsilon_after(steps: int, noise_multiplier: float, sample_rate: float, delta: float,
+                  accountant: str = "rdp") -> float:
     """Epsilon at `delta` after `steps` steps at fixed settings."""
     acc = make_accountant(accountant)
     if steps > 0:
@@ -206,7 +172,8 @@ def epsilon_after(steps: int, noise_multiplier: float, sample_rate: float, delta
     return acc.epsilon(delta)
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "rdp") -> float:
     """Smallest noise multiplier (to 0.1%) whose `steps` steps stay within `target_epsilon`."""
     lo, hi = 0.0, 1.0
     while epsilon_after(steps, hi, sample_rate, delta, accountant) > target_epsilon:
@@ -343,7 +310,8 @@ def _private_windows(cfg):
     from flexmoe.data import TokenWindows
 
     if len(cfg.data.train) != 1:
-        raise ValueError(f"data.train names {sorted(cfg.data.train)}; DP training takes exactly one (the owner's) domain")
+        raise ValueError(f"data.train names {sorted(cfg.data.train)}; DP training takes exactly one domain, "
+                         "the owner's")
     if cfg.stage.public_mix > 0:
         raise ValueError("stage.public_mix > 0 with privacy.enabled=true: DP training samples only the owner's data; "
                          "set stage.public_mix=0")
@@ -457,7 +425,7 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
 @torch.no_grad()
 def nonprivate_owner_statistics(model, frozen_router_rows: int) -> list[str]:
     """Tensors of the starting model that the owner filled from its data outside DP-SGD: non-zero
-    trainable router rows (the router embedding) and non-zero owner document centroids."""
+    trainable router rows (the router embedding), owner document centroids and n-gram profiles."""
     found = []
     if frozen_router_rows:
         for i, m in enumerate(model.moe_layers()):
@@ -466,6 +434,9 @@ def nonprivate_owner_statistics(model, frozen_router_rows: int) -> list[str]:
         centroids = getattr(model, "domain_centroids", None)
         if centroids is not None and bool(centroids[frozen_router_rows:].ne(0).any()):
             found.append("domain_centroids (document routing centroid)")
+        profiles = getattr(model, "domain_ngrams", None)
+        if profiles is not None and bool(profiles[frozen_router_rows:].ne(0).any()):
+            found.append("domain_ngrams (document routing n-gram profile)")
     return found
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.config.train import RunConfig
+from flexmoe.config.train import DATA_FORMATS, RunConfig
 from flexmoe.convert.safetensors_io import load_model, save_model_dir
 from flexmoe.flex.fingerprint import fingerprint
 from flexmoe.flex.freeze import PLANS, apply_freeze_plan
@@ -50,9 +50,40 @@ def build_model(cfg: RunConfig) -> tuple[Transformer, ModelConfig, dict[str, Any
     return model, mcfg, meta
 
 
+def data_format(cfg: RunConfig) -> str:
+    """`data.format` checked: `lm` (token windows) or `sft` (chat windows with a loss mask)."""
+    fmt = getattr(cfg.data, "format", "lm")
+    if fmt not in DATA_FORMATS:
+        raise ValueError(f"data.format={fmt!r} is not one of {', '.join(DATA_FORMATS)}")
+    return fmt
+
+
+def open_windows(cfg: RunConfig, split: str, name: str, path: str):
+    """The windows of one data directory in `data.format`; names the setting when it does not fit."""
+    from flexmoe.data import TokenWindows
+    from flexmoe.data.sft import SFTWindows
+
+    if data_format(cfg) == "lm":
+        return TokenWindows(path, cfg.data.seq_len, verify=cfg.data.verify)
+    manifest = Path(path) / "manifest.json"
+    try:
+        fmt = json.loads(manifest.read_text()).get("format")
+    except (OSError, ValueError):
+        fmt = None
+    if fmt != "flexmoe-sft/1":
+        # A token-shard directory read as SFT would fail deep inside numpy; say what to run instead.
+        raise ValueError(f"data.{split}.{name}={path}: not SFT data (data.format=sft needs a directory written by "
+                         f"`flexmoe prepare-data --format sft`; manifest format {fmt!r})")
+    return SFTWindows(path, cfg.data.seq_len, verify=cfg.data.verify)
+
+
 def build_train_source(cfg: RunConfig):
-    """The training mixture: data.train's domains, with `stage.public_mix` of each batch from `public`."""
-    from flexmoe.data import Mixture, TokenWindows
+    """The training mixture: data.train's domains, with `stage.public_mix` of each batch from `public`.
+
+    With `data.format=sft` every domain (public included) must be SFT data: the loader then
+    stacks dict windows, and a mixture of SFT domains samples exactly as one of token windows.
+    """
+    from flexmoe.data import Mixture
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give at least one domain, e.g. +data.train.code=DIR")
@@ -67,7 +98,7 @@ def build_train_source(cfg: RunConfig):
         own = {k: w for k, w in weights.items() if k != "public"}
         total = sum(own.values()) or 1.0
         weights = {k: (1 - mix) * w / total for k, w in own.items()} | {"public": mix}
-    parts = {name: (TokenWindows(cfg.data.train[name], cfg.data.seq_len, verify=cfg.data.verify), w)
+    parts = {name: (open_windows(cfg, "train", name, cfg.data.train[name]), w)
              for name, w in weights.items() if w > 0}
     if len(parts) == 1:
         return next(iter(parts.values()))[0]
@@ -77,12 +108,27 @@ def build_train_source(cfg: RunConfig):
 @torch.no_grad()
 def evaluate_loss(model: Transformer, windows, num_batches: int, batch_size: int,
                   expert_mask: torch.Tensor | None = None, device: torch.device | None = None) -> float:
-    """Mean next-token loss over the first `num_batches * batch_size` windows (deterministic)."""
+    """Mean next-token loss over the first `num_batches * batch_size` windows (deterministic).
+
+    For SFT windows (dicts with a loss mask) it is the mean over trained (assistant) targets of
+    all those windows, with attention kept inside each packed example, as in training.
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     n = min(len(windows), num_batches * batch_size)
     total, count = 0.0, 0
+    if n and isinstance(windows[0], dict):
+        for start in range(0, n, batch_size):
+            items = [windows[i] for i in range(start, min(start + batch_size, n))]
+            tokens, mask, docs = (torch.from_numpy(np.stack([it[k] for it in items])).to(device)
+                                  for k in ("tokens", "loss_mask", "doc_ids"))
+            logits = model(tokens[:, :-1], expert_mask, doc_ids=docs).logits.float()
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
+            m = mask.reshape(-1).to(ce.dtype)
+            total, count = total + (ce * m).sum().item(), count + m.sum().item()
+        model.train(was_training)
+        return total / max(count, 1)
     for start in range(0, n, batch_size):
         batch = torch.from_numpy(np.stack([windows[i] for i in range(start, min(start + batch_size, n))])).to(device)
         logits = model(batch[:, :-1], expert_mask).logits.float()
@@ -90,6 +136,27 @@ def evaluate_loss(model: Transformer, windows, num_batches: int, batch_size: int
         total, count = total + loss.item(), count + batch[:, 1:].numel()
     model.train(was_training)
     return total / max(count, 1)
+
+
+def training_loss(forward, inputs: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                  doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, loss + router aux loss) of one micro-batch, as the training loop computes them.
+
+    Without `loss_mask`: mean cross-entropy over every target (data.format=lm). With it
+    (data.format=sft): the mean over trained targets only, so a masked target gets exactly zero
+    gradient, and `doc_ids` keeps attention inside each packed example. Each micro-batch is the
+    mean over its own trained targets: with accumulation or several ranks that weighs
+    micro-batches equally, as the lm path does.
+    """
+    if loss_mask is None:
+        o = forward(inputs)
+        loss = F.cross_entropy(o.logits.float().reshape(-1, o.logits.shape[-1]), targets.reshape(-1))
+    else:
+        from flexmoe.data.sft import masked_lm_loss
+
+        o = forward(inputs, doc_ids=doc_ids)
+        loss = masked_lm_loss(o.logits, targets, loss_mask)
+    return loss, (loss + o.aux_loss if o.aux_loss is not None else loss)
 
 
 def describe(cfg: RunConfig, model: Transformer, mcfg: ModelConfig) -> dict[str, Any]:
@@ -117,7 +184,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     Under torchrun (WORLD_SIZE > 1) every rank calls this: it joins the process group, lays the
     model out per `cfg.parallel` (FSDP2/TP/EP or DeepSpeed) and reads its slice of each global
     batch of `data.batch_size` x data-parallel size; rank 0 alone logs and writes `final/`.
+    With `privacy.enabled=true` it runs DP-SGD instead (flexmoe.train.privacy.train_private).
     """
+    privacy = getattr(cfg, "privacy", None)
+    if privacy is not None and privacy.enabled:
+        # DP-SGD needs per-window gradients and its own sampler and accountant: a separate loop.
+        from flexmoe.train.privacy import train_private
+
+        if cfg.dry_run:
+            raise ValueError("privacy.enabled=true has no dry run; drop --dry-run")
+        return train_private(cfg)
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
     resolve_dims(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))  # bad layouts fail before anything loads
@@ -130,9 +206,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _train(cfg: RunConfig) -> dict[str, Any]:
-    from flexmoe.data import BatchLoader, TokenWindows
+    from flexmoe.data import BatchLoader
 
     rank, world_size = world()
+    sft = data_format(cfg) == "sft"  # before the model loads: a typo costs nothing
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = local_device()
@@ -154,7 +231,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     dp_rank, dp_size = (meshes.dp_rank, meshes.dp_size) if meshes is not None else (rank, world_size)
     source = build_train_source(cfg)
     loader = BatchLoader(source, cfg.data.batch_size, seed=cfg.trainer.seed, rank=dp_rank, world_size=dp_size)
-    val = {d: TokenWindows(p, cfg.data.seq_len, verify=cfg.data.verify) for d, p in cfg.data.val.items()}
+    val = {d: open_windows(cfg, "val", d, p) for d, p in cfg.data.val.items()}
     logger = MetricLogger(out, enabled=rank == 0, wandb_cfg=cfg.wandb, run_config=_plain(cfg))
     if rank == 0:
         write_run_info(out, cfg)
@@ -185,11 +262,14 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             g["lr"] = lr
         step_loss = 0.0
         for _ in range(cfg.trainer.grad_accum):
-            batch = next(loader).to(device)
+            if sft:
+                b = {k: v.to(device) for k, v in next(loader).items()}
+                inputs, targets, mask, docs = b["tokens"][:, :-1], b["tokens"][:, 1:], b["loss_mask"], b["doc_ids"]
+            else:
+                batch = next(loader).to(device)
+                inputs, targets, mask, docs = batch[:, :-1], batch[:, 1:], None, None
             with autocast:
-                o = forward(batch[:, :-1])
-                loss = F.cross_entropy(o.logits.float().reshape(-1, o.logits.shape[-1]), batch[:, 1:].reshape(-1))
-                total = loss + o.aux_loss if o.aux_loss is not None else loss
+                loss, total = training_loss(forward, inputs, targets, mask, docs)
             if engine is not None:
                 engine.backward(total)  # scales by 1/grad_accum itself
                 engine.step()  # steps the optimizer only at the accumulation boundary
