@@ -1,5 +1,8 @@
 """`BatchLoader`: deterministic, resumable, data-parallel batches of token windows.
 
+Sources yield either plain windows (`TokenWindows`: int arrays of seq_len + 1) or dict windows
+(`SFTWindows`: tokens, loss_mask, doc_ids); dict windows are stacked key by key into a dict batch.
+
 Every batch is a pure function of (seed, step) plus, for a mixture, each domain's cursor, so
 resuming needs only a few ints and every rank agrees on the global batch without talking.
 """
@@ -19,7 +22,9 @@ STATE_VERSION = 1
 
 
 class BatchLoader:
-    """Infinite iterator of `torch.LongTensor [batch_size, seq_len + 1]` batches.
+    """Infinite iterator of `torch.LongTensor [batch_size, seq_len + 1]` batches, or, for a source
+    of dict windows (SFT), of dicts of tensors stacked per key (`tokens [B, S+1]`, `loss_mask [B, S]`,
+    `doc_ids [B, S]`). Which windows make up a batch does not depend on the window type.
 
     Step s covers a global batch of `batch_size * world_size` samples; rank r takes the
     contiguous slice [r*batch_size, (r+1)*batch_size), so the ranks together see exactly what
@@ -34,7 +39,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        source: TokenWindows | Mixture,
+        source: TokenWindows | Mixture | Any,
         batch_size: int,
         *,
         seed: int = 0,
@@ -53,6 +58,9 @@ class BatchLoader:
         self.seq_len: int = source.seq_len
         self.step = 0
         self._perm_cache: dict[str, tuple[int, np.ndarray]] = {}
+        # Probe one window: dict windows (SFT) are stacked per key, plain ones as before.
+        first = source.datasets[source.names[0]] if isinstance(source, Mixture) else source
+        self.dict_windows = len(first) > 0 and isinstance(first[0], dict)
         if isinstance(source, Mixture):
             self.cursors: dict[str, int] = {name: 0 for name in source.names}
         elif len(source) < self.global_batch_size:
@@ -104,23 +112,30 @@ class BatchLoader:
     def __iter__(self) -> BatchLoader:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | dict[str, torch.Tensor]:
         batch = self._mixture_batch() if self.is_mixture else self._single_batch()
         self.step += 1
+        if isinstance(batch, dict):
+            return {k: torch.from_numpy(v) for k, v in batch.items()}
         return torch.from_numpy(batch)
 
-    def _single_batch(self) -> np.ndarray:
+    def _single_batch(self) -> np.ndarray | dict[str, np.ndarray]:
         spe = self.steps_per_epoch
         epoch, s = divmod(self.step, spe)
         perm = self._permutation("", [self.seed], len(self.source), epoch)
         start = s * self.global_batch_size + self.rank * self.batch_size
+        if self.dict_windows:
+            return _stack_dicts([self.source[int(i)] for i in perm[start : start + self.batch_size]])
         return self.source.windows(perm[start : start + self.batch_size])
 
-    def _mixture_batch(self) -> np.ndarray:
+    def _mixture_batch(self) -> np.ndarray | dict[str, np.ndarray]:
         mixture: Mixture = self.source
         domains = mixture.sample_domains(self.global_batch_size, np.random.default_rng([self.seed, self.step]))
         lo = self.rank * self.batch_size
-        out = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        # Dict windows are collected in batch order and stacked at the end; the draw of domains
+        # and cursors is exactly the plain path's, so both kinds of source batch the same windows.
+        out: Any = ([None] * self.batch_size if self.dict_windows
+                    else np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64))
         for d, name in enumerate(mixture.names):
             positions = np.flatnonzero(domains == d)
             # Every rank advances every cursor by the whole global batch, so cursors stay equal.
@@ -130,7 +145,7 @@ class BatchLoader:
             for pos, ordinal in zip(positions[mine], ordinals[mine]):
                 out[pos - lo] = dataset[self._domain_window(name, ordinal)]
             self.cursors[name] += len(positions)
-        return out
+        return _stack_dicts(out) if self.dict_windows else out
 
     # --- resume -----------------------------------------------------------------------------
     def _num_windows(self) -> int | dict[str, int]:
@@ -171,3 +186,11 @@ class BatchLoader:
         if self.is_mixture:
             self.cursors = {name: int(state["cursors"][name]) for name in self.source.names}
         self._perm_cache.clear()
+
+
+def _stack_dicts(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack dict windows key by key; every window must carry the same keys."""
+    keys = list(items[0])
+    if any(list(it) != keys for it in items[1:]):
+        raise DataError(f"windows with different keys in one batch ({keys} vs others); use one data format per run")
+    return {k: np.stack([it[k] for it in items]) for k in keys}
