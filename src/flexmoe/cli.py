@@ -162,7 +162,7 @@ def _prepare_sft(a: argparse.Namespace) -> int:
     for flag, value, default in (("--train-bpe", a.train_bpe, 0), ("--dtype", a.dtype, "auto"),
                                  ("--text-field", a.text_field, "text"), ("--domain", a.domain, None)):
         if value != default:
-            raise ValueError(f"prepare-data: {flag} does not apply to --format sft; drop it")
+            raise ValueError(f"{flag} does not apply to --format sft; drop it")
     m = prepare_sft(a.inputs, a.out, load_tokenizer(a.tokenizer), overwrite=a.overwrite)
     print(f"{a.out}: {m['num_examples']:,} chat examples, {m['num_tokens']:,} tokens "
           f"({m['num_trained_tokens']:,} trained)")

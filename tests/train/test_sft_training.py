@@ -155,3 +155,14 @@ def test_sft_format_refuses_token_shards_naming_the_setting(tmp_path, sft_data):
         train(_cfg(tmp_path / "r", root, anchor, **{"data.val": {"math": str(tmp_path / "plain")}}))
     with pytest.raises(ValueError, match=r"data\.format='chat'"):
         train(_cfg(tmp_path / "r2", root, anchor, **{"data.format": "chat"}))
+
+
+def test_prepare_data_cli_writes_sft_data(tmp_path, capsys):
+    from flexmoe.cli import main
+
+    chats = _jsonl(tmp_path / "c.jsonl", arithmetic_chats(20, seed=2))
+    assert main(["prepare-data", str(chats), "--out", str(tmp_path / "sft"), "--format", "sft"]) == 0
+    w = SFTWindows(tmp_path / "sft", SEQ)
+    assert w.manifest["num_examples"] == 20 and 0 < w.manifest["num_trained_tokens"] < w.manifest["num_tokens"]
+    assert main(["prepare-data", str(chats), "--out", str(tmp_path / "x"), "--format", "sft", "--dtype", "uint32"]) == 2
+    assert "--dtype does not apply to --format sft" in capsys.readouterr().err
