@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, default=250)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--public-model", help="reuse this trained public model directory instead of training one")
     ap.add_argument("--train", default=",".join(TRAIN_SETTINGS),
                     help=f"comma-separated training settings among {', '.join(TRAIN_SETTINGS)}")
     args = ap.parse_args()
@@ -212,6 +213,14 @@ def main() -> None:
         if not (out / "public_data" / split / "manifest.json").exists():
             prepare_data(builtin["public"][split], out / "public_data" / split, tok, progress=False)
     public_run = out / "public"
+    if args.public_model and not (public_run / "final" / "flexmoe.json").exists():
+        import shutil
+
+        # Reuse a trained public model (e.g. a quickstart's); its router row and n-gram profile are
+        # made again below from this run's public data.
+        shutil.copytree(args.public_model, public_run / "final")
+        _run([sys.executable, "-m", "flexmoe.cli", "router-embed", "--model", str(public_run / "final"),
+              "--data", str(args.public_data), "--public", "--seq-len", str(args.seq_len)], out / "public.log", 2)
     if not (public_run / "final" / "flexmoe.json").exists():
         _run([sys.executable, "-m", "flexmoe.cli", "train", f"out_dir={public_run}",
               f"+data.train.public={args.public_data}", f"trainer.steps={args.public_steps}", "optim.lr=3e-3",

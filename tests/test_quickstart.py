@@ -35,3 +35,12 @@ def test_quickstart_small(tmp_path):
     # the merged model's opt-out rows are real: switching an expert off changes its own domain
     for d in cfg.domains:
         assert report["perplexity"][f"merged-without/{d}"][d] != report["perplexity"]["merged"][d]
+    # the default merge routes by n-gram profile (every owner's router-embed made one)
+    assert report["routing"] == "anchor_ngram"
+    assert "merged[routing=topk]" in report["perplexity"]
+    assert set(report["routing_quality"]["expert_ratio"]) == set(cfg.domains)
+    # attribution per eval domain: shares over owners sum to 1, and opted-in owners get credit
+    for d, row in report["attribution"].items():
+        assert abs(sum(row.values()) - 1.0) < 1e-6, (d, row)
+    assert report["attribution"]["math"]["owner-math"] > 0.2
+    assert "## Attribution" in md and "## Routing quality" in md

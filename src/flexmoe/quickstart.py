@@ -157,7 +157,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                                 steps=cfg.public_steps, lr=cfg.public_lr, seed=cfg.seed, threads=cores,
                                 log=logs / "public.log")
 
-    # 3. Each owner, alone: router row from its own data, branch, train, package.
+    # 3. Each owner, alone: router row from its own data, branch, train, package. Owners that run
+    # in a last, partial round share the cores among fewer processes (3 owners on 2 cores: the
+    # third trains on 2 threads instead of leaving a core idle for its whole run).
+    full = len(cfg.domains) // jobs * jobs
+    left = len(cfg.domains) - full
+    threads_for = {d: threads_each if i < full else max(1, cores // left) for i, d in enumerate(cfg.domains)}
+
     def owner(domain: str) -> Path:
         d = out / "owners" / domain
         d.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from flexmoe.convert.safetensors_io import load_model
 from flexmoe.eval.baselines import ensemble_logprobs, soup_model
 from flexmoe.eval.perplexity import model_logprobs, perplexity
 from flexmoe.eval.routing import plot_heatmap, routing_shares
+from flexmoe.flex.attribution import attribution_windows
 from flexmoe.flex.optout import expert_mask
 
 
@@ -51,7 +52,11 @@ def evaluate_lifecycle(public_dir: Path, merged_dir: Path, expert_dirs: dict[str
     ppl["soup"] = row(model_logprobs(soup_model(merged)))
     ppl["btm-ensemble"] = row(ensemble_logprobs([m.eval() for m in experts.values()]))
     shares = {d: routing_shares(merged, w, num_windows=min(num_windows, 16)) for d, w in windows.items()}
+    # Who is credited for each eval domain: each owner's share of the merged model's routing weight.
+    credit = {d: attribution_windows(merged, w, meta["experts"], num_windows=min(num_windows, 16))["owners"]
+              for d, w in windows.items()}
     return {
+        "attribution": {d: {o: v["weight"] for o, v in c.items()} for d, c in credit.items()},
         "eval_domains": list(windows), "perplexity": ppl,
         "routing_shares": {d: s.tolist() for d, s in shares.items()},
         "experts": [e["domain"] for e in meta["experts"]], "top_k": mcfg.top_k, "routing": mcfg.routing,
@@ -138,5 +143,12 @@ def write_report(out: Path, results: dict[str, Any], domains: list[str]) -> None
     lines += [f"- [{'x' if ok else ' '}] {c}" for c, ok in claims]
     lines += ["", f"## Routing quality of `merged` (routing={results.get('routing', 'topk')})", ""]
     lines += [f"- [{'x' if ok else ' '}] {c}" for c, ok in results["routing_quality_claims"].items()]
+    if results.get("attribution"):
+        owners = list(next(iter(results["attribution"].values())))
+        lines += ["", "## Attribution", "", "Each owner's share of the merged model's routing weight on each eval "
+                  "domain (all MoE layers; rows sum to 1; `flexmoe generate --attribution` gives the same per output).",
+                  "", "| eval domain | " + " | ".join(owners) + " |", "|---|" + "---|" * len(owners)]
+        for d, row in results["attribution"].items():
+            lines.append(f"| {d} | " + " | ".join(f"{row[o]:.3f}" for o in owners) + " |")
     lines += ["", "## Routing", "", f"![routing heatmap]({heat.name})", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
