@@ -31,11 +31,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from flexmoe.quickstart import _run  # noqa: E402
 
-MERGE_SETTINGS = [  # (name, routing, router_rows, top_k)
+MERGE_SETTINGS = [  # (name, routing, router_rows, top_k[, router cosine temperature])
     ("topk2", "topk", "raw", 2), ("topk3", "topk", "raw", 3), ("topk2+common_norm", "topk", "common_norm", 2),
     ("topk2+centred_norm", "topk", "centred_norm", 2), ("anchor_top1", "anchor_top1", "raw", 2),
     ("anchor_top1+centred_norm", "anchor_top1", "centred_norm", 2), ("anchor_doc", "anchor_doc", "raw", 2),
-    ("anchor_ngram", "anchor_ngram", "raw", 2),
+    ("anchor_ngram", "anchor_ngram", "raw", 2), ("topk2+cosine0.1", "topk", "raw", 2, 0.1),
+    ("topk2+cosine0.03", "topk", "raw", 2, 0.03),
 ]
 TRAIN_SETTINGS = {  # name -> (share of public data in expert batches, router bias)
     "mix0": (0.0, False), "mix0.25": (0.25, False), "mix0.5": (0.5, False), "mix0.25+bias": (0.25, True)}
@@ -161,11 +162,12 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
         for d in domains:
             m, _, _ = load_model(base / d / "train" / "final")
             expert_ppl[d] = perplexity(model_logprobs(m.eval()), TokenWindows(val[d], args.seq_len), args.windows)
-        for mname, routing, rows_t, k in MERGE_SETTINGS:
+        for mname, routing, rows_t, k, *cos in MERGE_SETTINGS:
             mdir = base / f"merged-{mname}"
             if not (mdir / "flexmoe.json").exists():
                 _run(flexmoe + ["merge", str(public), *map(str, pkgs), "--out", str(mdir), "--top-k", str(k),
-                                "--routing", routing, "--router-rows", rows_t], base / "merge.log", 2)
+                                "--routing", routing, "--router-rows", rows_t,
+                                "--router-cosine-temp", str(cos[0] if cos else 0.0)], base / "merge.log", 2)
             res = evaluate(public, mdir, domains, val, args.seq_len, args.windows)
             rows.append({"corpora": name, "train": tname, "merge": mname,
                          **summarise(res, expert_ppl, public_ppl, domains), "perplexity": res,

@@ -249,9 +249,11 @@ def cmd_merge(argv: list[str]) -> int:
                    help="shared tensors: the public copy (FlexOlmo) or the mean of the packages' copies (BAR)")
     p.add_argument("--router-rows", default="raw", choices=["raw", "common_norm", "centred_norm"],
                    help="rescale router rows at merge time (see flex/merge.py ROW_TRANSFORMS)")
+    p.add_argument("--router-cosine-temp", type=float, default=0.0, metavar="T",
+                   help="route by cosine similarity of hidden state and row over temperature T (0: dot product)")
     a = p.parse_args(argv)
     merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing,
-          shared=a.shared, router_rows=a.router_rows)
+          shared=a.shared, router_rows=a.router_rows, router_cosine_temp=a.router_cosine_temp)
     return 0
 
 

@@ -124,3 +124,25 @@ def test_router_row_transforms(tmp_path):
     # why centring alone is not offered: a shared shift of every row leaves the softmax unchanged
     h = torch.randn(5, r.shape[1])
     torch.testing.assert_close((h @ r.T).softmax(-1), (h @ (r - r[:1]).T).softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_cosine_routing_ignores_row_norms_and_keeps_opt_out_exact(tmp_path):
+    public = make_public(tmp_path)
+    pkgs = make_packages(tmp_path, public, DOMAINS)
+    merged, cfg, meta = load_model(merge(public, pkgs, tmp_path / "cos", routing="topk", router_cosine_temp=0.1))
+    assert cfg.router_cosine_temp == 0.1
+    tokens = _tokens(4)
+    with torch.no_grad():
+        before = merged(tokens).logits
+        for m in merged.moe_layers():
+            m.router.weight[2] *= 7.0  # a larger row wins no tokens under cosine routing
+        torch.testing.assert_close(merged(tokens).logits, before, atol=1e-6, rtol=1e-6)
+    without, _, _ = load_model(merge(public, [p for p in pkgs if p.name != "pkg-legal"], tmp_path / "cos-w",
+                                     routing="topk", router_cosine_temp=0.1))
+    merged, _, _ = load_model(tmp_path / "cos")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens, expert_mask(meta["experts"], ["legal"])).logits,
+                                   without(tokens).logits, atol=1e-6, rtol=1e-6)
+    dot, _, _ = load_model(merge(public, pkgs, tmp_path / "dot", routing="topk"))
+    with torch.no_grad():
+        assert (dot(tokens).logits - before).abs().max() > 1e-4  # it is a different policy

@@ -47,6 +47,7 @@ class ModelConfig:
     # explains the window's tokens so far.
     routing: str = "topk"
     doc_ngram_buckets: int = 0  # > 0: the model carries per-expert n-gram profiles (`domain_ngrams`)
+    router_cosine_temp: float = 0.0  # > 0: router logits are cos(x, row) / temperature (a merge setting)
     lb_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
     # Implementation choices ("auto" picks the fast path that is importable).
@@ -86,6 +87,7 @@ class ModelConfig:
             (self.num_experts == 0 or 1 <= self.top_k <= self.num_experts,
              f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}"),
             (self.routing in ROUTINGS, f"model.routing={self.routing!r} is not {'|'.join(ROUTINGS)}"),
+            (self.router_cosine_temp >= 0, f"model.router_cosine_temp={self.router_cosine_temp} must be >= 0 (0: off)"),
             (self.doc_ngram_buckets >= 0, f"model.doc_ngram_buckets={self.doc_ngram_buckets} must be >= 0"),
             (self.routing != "anchor_ngram" or self.doc_ngram_buckets > 0,
              "model.routing=anchor_ngram needs n-gram profiles (model.doc_ngram_buckets > 0): merge packages made "

@@ -51,6 +51,9 @@ def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "
     if cfg.is_moe and routing != "topk":
         raise CheckpointError(f"{src / CONFIG}: model.routing={routing!r}, but Hugging Face FlexOlmo only routes "
                               "top-k, so the export would compute something else; merge again with top-k routing")
+    if cfg.is_moe and cfg.router_cosine_temp > 0:
+        raise CheckpointError(f"{src / CONFIG}: model.router_cosine_temp={cfg.router_cosine_temp}, but Hugging Face "
+                              "FlexOlmo routes by dot product; merge again without --router-cosine-temp")
     hf = _hf_tensors(cfg, native)
     shards = _plan_shards(hf, cast, limit)
     names = [SINGLE] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]

@@ -27,7 +27,7 @@ from flexmoe.flex.package import read_package
 
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
           norm_topk_prob: bool = False, routing: str = "auto", shared: str = "public",
-          router_rows: str = "raw", overwrite: bool = False) -> Path:
+          router_rows: str = "raw", router_cosine_temp: float = 0.0, overwrite: bool = False) -> Path:
     """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package.
 
     `shared`: `public` keeps the public model's shared tensors (FlexOlmo); `average` takes the mean
@@ -35,9 +35,12 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     copy. Either way the relative L2 divergence of every shipped shared tensor is recorded.
     `routing`: a policy of ModelConfig.routing, or `auto`: anchor_ngram when the public model and
     every package carry n-gram profiles (the measured best, README "Routing quality"), else topk.
+    `router_cosine_temp` > 0: the router scores rows by cosine similarity over that temperature.
     """
     if routing != "auto" and routing not in ROUTINGS:
         raise CheckpointError(f"routing={routing!r} is not auto|{'|'.join(ROUTINGS)}")
+    if router_cosine_temp < 0:
+        raise CheckpointError(f"router_cosine_temp={router_cosine_temp} must be >= 0 (0: dot-product routing)")
     if shared not in ("public", "average"):
         raise CheckpointError(f"shared={shared!r} is not public|average")
     if router_rows not in ROW_TRANSFORMS:
@@ -108,7 +111,7 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     if profiles is not None:  # n-gram profiles of document routing: public data's, then each owner's
         out["domain_ngrams"] = profiles
     merged_cfg = cfg.replace(num_experts=num_experts, top_k=k, norm_topk_prob=norm_topk_prob, router_bias=use_bias,
-                             routing=routing, doc_ngram_buckets=int(profiles.shape[-1]) if profiles is not None else 0)
+                             routing=routing, router_cosine_temp=router_cosine_temp, doc_ngram_buckets=int(profiles.shape[-1]) if profiles is not None else 0)
     experts = [{"slot": 0, "owner": "public", "domain": "public", "licence": meta.get("licence", "unspecified"),
                 "consent": meta.get("consent") or PUBLIC_CONSENT}]
     for j, (pkg, m, _) in enumerate(loaded, start=1):

@@ -32,15 +32,21 @@ class Router(nn.Module):
     """Token-choice top-k router in fp32 with an optional non-positive per-expert bias."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, norm_topk_prob: bool, bias: bool,
-                 routing: str = "topk"):
+                 routing: str = "topk", cosine_temp: float = 0.0):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
-        self.routing = routing
+        self.routing, self.cosine_temp = routing, cosine_temp
         self.weight = nn.Parameter(torch.zeros(num_experts, d_model))
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.cosine_temp > 0:
+            # Cosine routing: only the direction of a row counts, so no owner wins tokens by a
+            # larger row norm; the temperature sets how sharp the choice is.
+            logits_TE = F.linear(F.normalize(x_TD.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
+            logits_TE = logits_TE / self.cosine_temp
+        else:
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         if self.bias is not None:
             # FlexOlmo: biases only ever push an expert down, and the anchor (expert 0) keeps 0.
             b = self.bias.float().clamp(max=0.0)
@@ -183,7 +189,7 @@ class MoE(nn.Module):
         self.num_experts = cfg.num_experts
         self.lb_loss_weight, self.z_loss_weight = cfg.lb_loss_weight, cfg.z_loss_weight
         self.router = Router(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob, cfg.router_bias,
-                             cfg.routing)
+                             cfg.routing, cfg.router_cosine_temp)
         self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.moe_impl)
         self.record_routing = False
         self.last_routing: Routing | None = None
