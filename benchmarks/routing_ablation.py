@@ -162,7 +162,7 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
         for d in domains:
             m, _, _ = load_model(base / d / "train" / "final")
             expert_ppl[d] = perplexity(model_logprobs(m.eval()), TokenWindows(val[d], args.seq_len), args.windows)
-        for mname, routing, rows_t, k, *cos in MERGE_SETTINGS:
+        for mname, routing, rows_t, k, *cos in [m for m in MERGE_SETTINGS if m[0] in args.merge]:
             mdir = base / f"merged-{mname}"
             if not (mdir / "flexmoe.json").exists():
                 _run(flexmoe + ["merge", str(public), *map(str, pkgs), "--out", str(mdir), "--top-k", str(k),
@@ -192,11 +192,16 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, default=250)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--merge", default="", help="comma-separated merge settings to evaluate (default: all)")
     ap.add_argument("--public-model", help="reuse this trained public model directory instead of training one")
     ap.add_argument("--train", default=",".join(TRAIN_SETTINGS),
                     help=f"comma-separated training settings among {', '.join(TRAIN_SETTINGS)}")
     args = ap.parse_args()
     args.train = [t for t in args.train.split(",") if t]
+    names = [m[0] for m in MERGE_SETTINGS]
+    args.merge = [m for m in args.merge.split(",") if m] if args.merge else names
+    if [m for m in args.merge if m not in names]:
+        ap.error(f"--merge: unknown setting(s) {[m for m in args.merge if m not in names]}; choose from {', '.join(names)}")
     unknown = [t for t in args.train if t not in TRAIN_SETTINGS]
     if unknown:
         ap.error(f"--train: unknown setting(s) {unknown}; choose from {', '.join(TRAIN_SETTINGS)}")
