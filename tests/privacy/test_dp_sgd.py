@@ -239,3 +239,11 @@ def test_flexmoe_train_routes_privacy_enabled_to_dp_sgd(owner):
     assert result["shared_unchanged"] is True
     lines = [json.loads(x) for x in (root / "dp-hydra" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "epsilon" in r] == [1, 2, 3]  # epsilon reported as training goes
+
+
+def test_sft_format_refused(owner):
+    root, _, anchor, data = owner
+    cfg = _run_config(root, anchor, data, 2, "refused-sft")
+    cfg.data.format = "sft"
+    with pytest.raises(ValueError, match="data.format=sft"):
+        train_private(cfg, PrivacyConfig(enabled=True))

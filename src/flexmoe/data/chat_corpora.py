@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 def arithmetic_chats(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """`n` seeded arithmetic questions (sums, products, word problems) with worked, correct answers."""
     rng = random.Random(seed)
     chats = []
     for _ in range(n):

@@ -309,6 +309,9 @@ def privacy_config_of(cfg: Any, privacy: PrivacyConfig | None = None) -> Privacy
 def _private_windows(cfg):
     from flexmoe.data import TokenWindows
 
+    if getattr(cfg.data, "format", "lm") != "lm":
+        raise ValueError(f"data.format={cfg.data.format} with privacy.enabled=true: DP-SGD trains on token windows "
+                         "(data.format=lm) only")
     if len(cfg.data.train) != 1:
         raise ValueError(f"data.train names {sorted(cfg.data.train)}; DP training takes exactly one domain, "
                          "the owner's")
