@@ -27,6 +27,7 @@ def test_bar_quickstart_small(tmp_path):
     assert set(report["sft_beats_frozen"]) == {"math", "code"}
     assert set(report["router_tune_mean_val_loss"]) == {"merged/sft+shared=average",
                                                          "merged/sft+shared=average+router_tune"}
+    assert report["router_tune_moved_only_routers"] is True  # experts and shared tensors bit-identical
     # the two variants are different trainings from the same anchor
     assert report["val_loss"]["expert-sft/math"] != report["val_loss"]["expert-frozen/math"]
     # shared=average differs from shared=public only because sft packages carry trained shared tensors

@@ -256,6 +256,7 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
         means = {name: sum(loss[name][d] for d in cfg.domains) / len(cfg.domains)
                  for name in ("merged/sft+shared=average", "merged/sft+shared=average+router_tune")}
         report["router_tune_mean_val_loss"] = means
+        report["router_tune_moved_only_routers"] = only_routers_moved(merged_dirs["merged/sft+shared=average"], tuned)
     write_bar_report(out, report)
     _say(f"done: {out / 'bar_report.md'}", t0)
     return report
@@ -278,6 +279,17 @@ def evaluate_models(models: dict[str, Path], val_dirs: dict[str, Path], seq_len:
     return result
 
 
+def only_routers_moved(before_dir: Path, after_dir: Path) -> bool:
+    """True when every tensor but the router rows (and biases) is bit-identical between two models."""
+    import torch
+
+    from flexmoe.convert.safetensors_io import load_model_dir
+
+    _, a, _ = load_model_dir(before_dir)
+    _, b, _ = load_model_dir(after_dir)
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a if ".ffn.router." not in k)
+
+
 def write_bar_report(out: Path, report: dict[str, Any]) -> None:
     """bar_report.json (everything) and bar_report.md (the loss table and the check), atomically."""
     from flexmoe.data.files import atomic_write_json, atomic_write_text
@@ -296,7 +308,8 @@ def write_bar_report(out: Path, report: dict[str, Any]) -> None:
     if "router_tune_mean_val_loss" in report:
         m = report["router_tune_mean_val_loss"]
         lines.append(f"- router tuning, mean over expert domains: untuned {m['merged/sft+shared=average']:.4f}, "
-                     f"tuned {m['merged/sft+shared=average+router_tune']:.4f}.")
+                     f"tuned {m['merged/sft+shared=average+router_tune']:.4f}; experts and shared tensors "
+                     f"bit-identical before and after: {report.get('router_tune_moved_only_routers')}.")
     c = report["config"]
     lines += ["", f"Settings: seq_len {c['seq_len']}, batch {c['batch_size']}, public {c['public_steps']} steps"
               f"{' (reused: ' + c['public_model'] + ')' if c['public_model'] else ''}, SFT {c['sft_steps']} steps "
