@@ -68,3 +68,12 @@ def test_stage_changes_exactly_its_groups(setup, stage, tmp_path):
     _, before, _ = load_model_dir(anchor)
     _, after, _ = load_model_dir(res["final"])
     assert _group_changes(before, after) == EXPECTED[stage]
+    # the trainer logged the plan's trainable parameters per group, and those are the groups that moved
+    import json
+
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["freeze_plan"] == stage
+    logged = {g for g, n in first["trainable_params"].items() if n > 0 and g != "total"}
+    moved = {"experts" if g.endswith("expert") else "router" if g.endswith("router_row") else g
+             for g in EXPECTED[stage]}
+    assert logged == moved, (logged, moved)

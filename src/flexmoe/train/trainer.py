@@ -20,7 +20,7 @@ from flexmoe.config.model import ModelConfig
 from flexmoe.config.train import DATA_FORMATS, RunConfig
 from flexmoe.convert.safetensors_io import load_model, save_model_dir
 from flexmoe.flex.fingerprint import fingerprint
-from flexmoe.flex.freeze import PLANS, apply_freeze_plan
+from flexmoe.flex.freeze import PLANS, apply_freeze_plan, trainable_summary
 from flexmoe.model import Transformer
 from flexmoe.model.flops import flops_per_token, param_counts
 from flexmoe.model.moe import canonical_state_dict
@@ -214,6 +214,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     device = local_device()
     model, mcfg, base_meta = build_model(cfg)
+    trainable_groups = trainable_summary(model)  # before sharding: whole-parameter counts
     dims = resolve_dims(cfg.parallel, world_size, mcfg)
     info = describe(cfg, model, mcfg)
     if cfg.dry_run:
@@ -235,6 +236,10 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     logger = MetricLogger(out, enabled=rank == 0, wandb_cfg=cfg.wandb, run_config=_plain(cfg))
     if rank == 0:
         write_run_info(out, cfg)
+    # Which groups this stage trains, so a wrong freeze plan shows in the log before any step.
+    logger.log({"step": 0, "freeze_plan": cfg.stage.freeze, "trainable_params": trainable_groups},
+               f"stage {cfg.stage.name}, freeze plan {cfg.stage.freeze}: trainable parameters "
+               + ", ".join(f"{g} {n:,}" for g, n in trainable_groups.items()))
 
     start, tokens_seen = 0, 0
     ckpt_root = out / "checkpoints"
