@@ -149,7 +149,10 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
             _run(flexmoe + ["branch", str(public), str(o / "anchor"), "--router-embedding", str(o / "rows.safetensors")]
                  + (["--router-bias"] if bias else []), log, 1)
             _run(flexmoe + ["train", f"out_dir={o / 'train'}", "stage=expert_anchor", f"init_from={o / 'anchor'}",
-                            f"+data.train.{d}={data[d]['train']}", f"+data.train.public={args.public_data}",
+                            f"+data.train.{d}={data[d]['train']}",
+                            # public_mix=0 with a public source in data.train would weigh it like the
+                            # owner's data (a 50/50 mixture; seen: mix0 gave mix0.5's numbers).
+                            *([f"+data.train.public={args.public_data}"] if mix > 0 else []),
                             f"stage.public_mix={mix}", f"trainer.steps={args.expert_steps}", "optim.lr=2e-3",
                             f"data.seq_len={args.seq_len}", "trainer.threads=1", "trainer.log_every=50"], log, 1)
             _run(flexmoe + ["package", str(o / "train" / "final"), str(o / "package"), "--owner", d, "--domain", d],
