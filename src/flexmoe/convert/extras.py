@@ -38,6 +38,13 @@ def write_extras(src: Path, tmp: Path, native: dict[str, LazyTensor], meta: dict
     return out
 
 
+def with_profile_buckets(cfg: ModelConfig, native_only: dict[str, LazyTensor]) -> ModelConfig:
+    """`cfg` with `doc_ngram_buckets` taken from carried n-gram profiles: HF config.json has no
+    field for it."""
+    t = native_only.get("domain_ngrams")
+    return cfg if t is None else cfg.replace(doc_ngram_buckets=int(t.shape[-1]))
+
+
 def read_extras(hf_dir: Path, cfg: ModelConfig) -> tuple[dict[str, LazyTensor], Path | None]:
     """(native-only tensors, public router row file or None) of an HF directory written by export-hf."""
     meta = read_json(hf_dir / META) if (hf_dir / META).is_file() else {}
@@ -45,9 +52,7 @@ def read_extras(hf_dir: Path, cfg: ModelConfig) -> tuple[dict[str, LazyTensor], 
     if meta.get("native_only"):
         f = _inside(hf_dir, meta["native_only"])
         header = read_header(f)[0]
-        if "domain_ngrams" in header:  # HF config.json has no field for the profiles' bucket count
-            cfg = cfg.replace(doc_ngram_buckets=int(header["domain_ngrams"].shape[-1]))
-        want = native_shapes(cfg)
+        want = native_shapes(with_profile_buckets(cfg, header))
         for k, t in header.items():
             if k not in NATIVE_ONLY or t.shape != want.get(k):
                 raise CheckpointError(f"{f}: {k} {list(t.shape)} does not belong to the model {hf_dir / 'config.json'} "

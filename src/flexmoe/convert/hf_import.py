@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flexmoe.convert.extras import ROUTER_PUBLIC, read_extras
+from flexmoe.convert.extras import ROUTER_PUBLIC, read_extras, with_profile_buckets
 from flexmoe.convert.hf_dir import copy_tokenizer, expert_names, open_hf_dir
 from flexmoe.convert.native import write_native
 from flexmoe.convert.progress import Progress
@@ -26,9 +26,7 @@ def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> P
     src = Path(src)
     ck = open_hf_dir(src)
     native_only, router_public = read_extras(src, ck.cfg)
-    cfg = ck.cfg
-    if "domain_ngrams" in native_only:  # n-gram profiles carried by export-hf: keep them usable
-        cfg = cfg.replace(doc_ngram_buckets=int(native_only["domain_ngrams"].shape[-1]))
+    cfg = with_profile_buckets(ck.cfg, native_only)  # n-gram profiles carried by export-hf stay usable
     tensors = dict(sorted({**ck.native(), **native_only}.items()))
     with FilePool() as pool, atomic_dir(dst, overwrite=overwrite) as tmp:
         # The fingerprint pass reads the shared tensors once more; it comes first so a

@@ -82,17 +82,17 @@ PUBLIC_RATIO_MAX = 1.05  # merged <= 1.05 x public on public text
 SOUP_GAIN_MIN = 0.10  # mean merged at least 10% below mean soup over expert domains
 
 
-def routing_quality(ppl: dict[str, dict[str, float]], domains: list[str], merged: str = "merged",
+def routing_quality(ppl: dict[str, dict[str, float]], domains: list[str],
                     public_domain: str = "public") -> dict[str, Any]:
-    """The routing-quality numbers of one merged row: merged/expert ratio per expert domain, the
-    largest opt-out drift on each other domain, merged/public on public text, merged vs soup."""
-    m = ppl[merged]
+    """The routing-quality numbers of the `merged` row: merged/expert ratio per expert domain, the
+    largest opt-out drift (`merged-without/<d>`) on each other domain, merged/public on public
+    text, merged vs soup."""
+    m = ppl["merged"]
     ratio = {d: m[d] / ppl[f"expert/{d}"][d] for d in domains}
-    evald = list(m)
     drift = {}
     for d in domains:
-        row = ppl.get(f"{merged}-without/{d}") or ppl.get(f"merged-without/{d}")
-        drift[d] = max((abs(row[e] / m[e] - 1) for e in evald if e != d), default=0.0)
+        row = ppl[f"merged-without/{d}"]
+        drift[d] = max((abs(row[e] / m[e] - 1) for e in m if e != d), default=0.0)
     mean = lambda r: float(np.mean([r[d] for d in domains]))  # noqa: E731
     out = {"expert_ratio": ratio, "opt_out_drift": drift, "soup_gain": 1 - mean(m) / mean(ppl["soup"])}
     if public_domain in m:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.convert.safetensors_io import CheckpointError, load_model_dir, save_model_dir
@@ -58,12 +59,13 @@ def branch(public_dir: str | Path, out_dir: str | Path, owner_rows: torch.Tensor
     """
     cfg, sd, meta = load_model_dir(public_dir)
     public_file = (meta.get("router_embedding") or {}).get("router_public")
-    if public_rows is None and public_file:
-        public_rows = _load_rows(Path(public_dir) / public_file)
+    shipped = load_file(str(Path(public_dir) / public_file)) if public_file else {}  # read once: rows + profile
+    if public_rows is None:
+        public_rows = shipped.get("router_embedding")
+    if public_ngram is None:
+        public_ngram = shipped.get("domain_ngram")
     profiles = None
     if owner_ngram is not None:
-        if public_ngram is None and public_file:
-            public_ngram = _load_rows(Path(public_dir) / public_file, "domain_ngram")
         if public_ngram is None:
             raise CheckpointError(f"{public_dir}: its public router embedding has no n-gram profile; re-run "
                                   "`flexmoe router-embed --public` to make one")
@@ -83,8 +85,3 @@ def branch(public_dir: str | Path, out_dir: str | Path, owner_rows: torch.Tensor
                 "experts": [{"slot": 0, "owner": "public", "domain": "public"}]}
     return save_model_dir(out_dir, moe_cfg, out, new_meta, overwrite=overwrite)
 
-
-def _load_rows(path: Path, key: str = "router_embedding") -> torch.Tensor | None:
-    from safetensors.torch import load_file
-
-    return load_file(str(path)).get(key) if key != "router_embedding" else load_file(str(path))[key]

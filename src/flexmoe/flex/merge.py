@@ -78,7 +78,8 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     if not 1 <= k <= num_experts:
         raise CheckpointError(f"top_k={k} must be between 1 and the number of experts ({num_experts})")
     use_bias = any(m.get("router_bias") for _, m, _ in loaded)
-    public_rows = _public_rows(public_dir, meta, cfg)
+    public_file, shipped = _public_router_file(public_dir, meta)
+    public_rows = _public_rows(public_dir, shipped, cfg)
     out: dict[str, torch.Tensor] = {k_: v for k_, v in sd.items() if ".ffn." not in k_}
     for i in range(cfg.num_layers):
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -103,7 +104,7 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     # Document routing's centroids: the public row and each owner's embedding at layer 0.
     out["domain_centroids"] = torch.stack(
         [public_rows[0]] + [t.get("domain_embedding", torch.zeros(cfg.d_model)).float() for _, _, t in loaded])
-    profiles = _ngram_profiles(public_dir, meta, loaded, required=routing == "anchor_ngram")
+    profiles = _ngram_profiles(public_file, shipped, loaded, required=routing == "anchor_ngram")
     if routing == "auto":
         routing = "anchor_ngram" if profiles is not None else "topk"
         print(f"[flexmoe] merge: routing={routing}" + ("" if profiles is not None else " (not every package carries an "
@@ -147,37 +148,39 @@ def _check_shapes(pkg: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
         raise CheckpointError(f"{pkg / 'expert.safetensors'}: has tensors for layers the public model lacks ({extra[0]})")
 
 
-def _public_rows(public_dir: Path, meta: dict[str, Any], cfg) -> torch.Tensor:
+def _public_router_file(public_dir: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The public model's shipped router file and its tensors (router rows, n-gram profile); read once."""
     from safetensors.torch import load_file
 
     name = (meta.get("router_embedding") or {}).get("router_public")
-    if not name:
+    return (public_dir / name, load_file(str(public_dir / name))) if name else (public_dir, {})
+
+
+def _public_rows(public_dir: Path, shipped: dict[str, torch.Tensor], cfg) -> torch.Tensor:
+    if "router_embedding" not in shipped:
         print(f"[flexmoe] warning: {public_dir} ships no public router row; using zeros", file=sys.stderr)
         return torch.zeros(cfg.num_layers, cfg.d_model)
-    return load_file(str(public_dir / name))["router_embedding"].float()
+    return shipped["router_embedding"].float()
 
 
-def _ngram_profiles(public_dir: Path, meta: dict[str, Any], loaded, *, required: bool) -> torch.Tensor | None:
+def _ngram_profiles(public_file: Path, shipped: dict[str, torch.Tensor], loaded, *,
+                    required: bool) -> torch.Tensor | None:
     """`[N+1, buckets]` n-gram profiles when the public model and every package carry one; None
     otherwise, or an error naming what lacks one when the routing needs them."""
-    from safetensors.torch import load_file
-
-    name = (meta.get("router_embedding") or {}).get("router_public")
-    public = load_file(str(public_dir / name)).get("domain_ngram") if name else None
-    rows = [public] + [t.get("domain_ngram") for _, _, t in loaded]
-    where = [public_dir / name if name else public_dir] + [pkg / "expert.safetensors" for pkg, _, _ in loaded]
-    missing = [str(w) for w, r in zip(where, rows) if r is None]
+    rows = [(public_file, shipped.get("domain_ngram"))] + [(pkg / "expert.safetensors", t.get("domain_ngram"))
+                                                           for pkg, _, t in loaded]
+    missing = [str(w) for w, r in rows if r is None]
     if missing:
         if required:
             raise CheckpointError(f"{missing[0]}: has no n-gram profile, which routing=anchor_ngram needs; re-run "
                                   "`flexmoe router-embed` (the public one with --public) and branch again")
         return None
-    sizes = {int(r.shape[-1]) for r in rows}
-    if len(sizes) > 1 or any(r.dim() != 1 for r in rows):
-        bad = next(w for w, r in zip(where, rows) if r.dim() != 1 or r.shape[-1] != rows[0].shape[-1])
-        raise CheckpointError(f"{bad}: n-gram profile of shape {tuple(rows[where.index(bad)].shape)} does not match "
-                              f"the public model's ({rows[0].shape[-1]},); make every profile with one --ngram-buckets")
-    return torch.stack([r.float() for r in rows])
+    want = (rows[0][1].shape[-1],)
+    for where, r in rows:
+        if tuple(r.shape) != want:
+            raise CheckpointError(f"{where}: n-gram profile of shape {tuple(r.shape)} does not match the public "
+                                  f"model's {want}; make every profile with one --ngram-buckets")
+    return torch.stack([r.float() for _, r in rows])
 
 
 def _common_norm(rows_ED: torch.Tensor) -> torch.Tensor:
