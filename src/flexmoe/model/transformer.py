@@ -110,6 +110,7 @@ class Transformer(nn.Module):
         capture_hidden: bool = False,
         last_hidden_only: bool = False,
         doc_ids: torch.Tensor | None = None,
+        route_choice: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits `[B, S, V]` in the activation dtype.
 
@@ -117,19 +118,27 @@ class Transformer(nn.Module):
         `capture_hidden` records each block's FFN input (the router's input) for router embeddings.
         `last_hidden_only` skips the LM head and returns the final normed hidden state as logits.
         `doc_ids` `[B, S]` keeps attention inside each packed example.
+        `route_choice` `[B, S]`: the domain expert per position (0 = anchor only) picked outside the
+        model, e.g. by a document embedder (flex/docembed.py); `anchor_*` routings only.
         """
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
         cos, sin = self.rope(S, x.device)
         captured: list[torch.Tensor] | None = [] if capture_hidden else None
         choice = None
-        if self.cfg.is_moe and self.cfg.routing == "anchor_ngram":
+        if route_choice is not None:
+            if not self.cfg.is_moe or self.cfg.routing == "topk":
+                raise ValueError(f"route_choice needs an anchor_* routing, not routing={self.cfg.routing!r}")
+            if route_choice.shape != tokens_BS.shape:
+                raise ValueError(f"route_choice shape {tuple(route_choice.shape)} != tokens {tuple(tokens_BS.shape)}")
+            choice = route_choice.to(tokens_BS.device).long()
+        elif self.cfg.is_moe and self.cfg.routing == "anchor_ngram":
             choice = ngram_choice(tokens_BS, self.domain_ngrams, expert_mask)
         for i, block in enumerate(self.layers):
             h = block.attend(x, cos, sin, doc_ids)
             if captured is not None:
                 captured.append(h)
-            if i == 0 and self.cfg.is_moe and self.cfg.routing == "anchor_doc":
+            if i == 0 and route_choice is None and self.cfg.is_moe and self.cfg.routing == "anchor_doc":
                 choice = self.document_choice(h, expert_mask)
             x = block.feed(h, expert_mask, choice)
         x = self.norm(x)
