@@ -42,7 +42,7 @@ MERGE_SETTINGS = [  # (name, routing, router_rows, top_k[, router cosine tempera
     ("anchor_embed", "anchor_top1", "raw", 2),
     # FlexOlmo's router tuning: the topk2 merge's router rows trained on small samples of every
     # owner's data and of the public data (pooled, so opt-in and never a default)
-    ("topk2+router_tune(opt-in)", "topk", "raw", 2),
+    ("topk2+router_tune", "topk", "raw", 2),
 ]
 EMBED_CHUNK = 32
 ROUTER_TUNE = dict(fraction=0.05, steps=40, lr=1e-2)
@@ -258,7 +258,7 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
                                     f"trainer.threads={jobs}", "trainer.log_every=10"], base / "router_tune.log", jobs)
                 mdir = tuned / "final"
             res = evaluate(public, mdir, domains, val, args.seq_len, args.windows, router)
-            rows.append({"corpora": name, "train": tname, "merge": mname,
+            rows.append({"corpora": name, "train": tname, "merge": mname, "windows": args.windows,
                          **summarise(res, expert_ppl, public_ppl, domains), "perplexity": res,
                          "expert_ppl": expert_ppl, "public_ppl": public_ppl})
             print_row(rows[-1], domains)
@@ -267,7 +267,8 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
 
 def print_row(r: dict, domains: list[str]) -> None:
     cells = " ".join(f"{r[f'ratio/{d}']:6.3f}" for d in domains)
-    print(f"{r['corpora']:8} {r['train']:13} {r['merge']:26} {cells}  drift {r['max_optout_drift']:6.3f}  "
+    label = r['merge'] + (" (opt-in)" if "router_tune" in r['merge'] else "")
+    print(f"{r['corpora']:8} {r['train']:16} {label:28} {cells}  drift {r['max_optout_drift']:6.3f}  "
           f"public {r['public_ratio']:5.3f}  vs-soup {r['vs_soup']:5.3f}  "
           f"{'all bounds hold' if r['all_bounds_hold'] else ''}", flush=True)
 
@@ -340,12 +341,34 @@ def main() -> None:
             sets["shared"] = {"public": builtin["public"], **shared}
         else:
             print("../shared/corpora not found: skipping the shared-corpora run", file=sys.stderr)
-    print(f"{'corpora':8} {'train':13} {'merge':26} merged/expert per domain  ...")
+    print(f"{'corpora':8} {'train':16} {'merge':28} merged/expert per domain  ...")
     rows = []
     for name, corpora in sets.items():
         rows += run_set(name, corpora, public, out, args, jobs=min(os.cpu_count() or 1, 3))
-    (out / "ablation.json").write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - t0}, indent=1))
-    print(f"wrote {out / 'ablation.json'} ({time.perf_counter() - t0:.0f} s)")
+    # Rows of earlier runs into the same --out stay unless this run measured the same setting, so
+    # the table can be built up setting by setting.
+    path, key = out / "ablation.json", lambda r: (r["corpora"], r["train"], r["merge"], r.get("windows"))
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    fresh = {key(r) for r in rows}
+    rows = [r for r in old if key(r) not in fresh] + rows
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": rows}, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path} ({len(rows)} rows; this run {time.perf_counter() - t0:.0f} s)")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Every row of ablation.json as one markdown table (the README's format)."""
+    print("\n| corpora | training | merge setting | windows | merged/expert per domain | drift | public | vs soup | bounds |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["corpora"], r["train"], r["merge"], r.get("windows") or 0)):
+        doms = [k[6:] for k in r if k.startswith("ratio/")]
+        label = r["merge"] + (" (opt-in)" if "router_tune" in r["merge"] else "")
+        cells = ", ".join(f"{r['ratio/' + d]:.3f}" for d in doms)
+        print(f"| {r['corpora']} | {r['train']} | {label} | {r.get('windows', '?')} | {cells} | "
+              f"{r['max_optout_drift']:.1%} | {r['public_ratio']:.3f} | {r['vs_soup']:.3f} | "
+              f"{'all hold' if r['all_bounds_hold'] else 'no'} |")
 
 
 if __name__ == "__main__":
