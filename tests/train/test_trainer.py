@@ -168,3 +168,15 @@ def test_bad_override_fails_fast_naming_the_key(tmp_path, override, needle):
     assert r.returncode != 0
     assert needle in r.stderr, r.stderr
     assert secs < 5
+
+
+def test_public_source_without_public_mix_is_announced_with_its_share(tmp_path, data, capsys):
+    from flexmoe.train.trainer import build_train_source
+
+    cfg = OmegaConf.to_object(_cfg(tmp_path, data, **{"data.train": {"public": str(data / "train"),
+                                                                       "math": str(data / "math_train")}}))
+    build_train_source(cfg)
+    assert "data.train.public is weighed like the other domains (50% of batches)" in capsys.readouterr().err
+    cfg.stage.public_mix = 0.25
+    build_train_source(cfg)
+    assert "weighed like" not in capsys.readouterr().err

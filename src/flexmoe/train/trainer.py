@@ -98,6 +98,13 @@ def build_train_source(cfg: RunConfig):
         own = {k: w for k, w in weights.items() if k != "public"}
         total = sum(own.values()) or 1.0
         weights = {k: (1 - mix) * w / total for k, w in own.items()} | {"public": mix}
+    elif "public" in weights and len(weights) > 1:
+        # Seen in the routing ablation: public_mix=0 meant "no public data" to its author, but the
+        # public source was then sampled like any owner domain (half of every batch).
+        share = weights["public"] / (sum(weights.values()) or 1.0)
+        print(f"[flexmoe] stage.public_mix=0: data.train.public is weighed like the other domains "
+              f"({share:.0%} of batches); set stage.public_mix for a fixed share, or leave it out for none",
+              file=sys.stderr, flush=True)
     parts = {name: (open_windows(cfg, "train", name, cfg.data.train[name]), w)
              for name, w in weights.items() if w > 0}
     if len(parts) == 1:
