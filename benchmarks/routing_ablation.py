@@ -92,21 +92,14 @@ def shared_domains(out: Path, max_bytes: int) -> dict[str, dict[str, list[Path]]
 def evaluate(public, merged_dir, experts, val, seq_len, windows, router=None) -> dict:
     """Perplexities of the merge, its soup and each opt-out. `router`: an EmbedderRouter whose
     choice reaches the model as `route_choice` (the anchor_embed row)."""
-    import torch.nn.functional as F
-
     from flexmoe.convert.safetensors_io import load_model
     from flexmoe.data import TokenWindows
     from flexmoe.eval.baselines import soup_model
     from flexmoe.eval.perplexity import model_logprobs, perplexity
     from flexmoe.flex.optout import expert_mask
 
-    def logprobs(m, mask):
-        if router is None:
-            return model_logprobs(m, mask)
-        return lambda t: F.log_softmax(m(t, mask, route_choice=router.choice(t, mask)).logits.float(), dim=-1)
-
     W = {d: TokenWindows(p, seq_len) for d, p in val.items()}
-    row = lambda m, mask=None: {d: perplexity(logprobs(m, mask), w, windows) for d, w in W.items()}  # noqa
+    row = lambda m, mask=None: {d: perplexity(model_logprobs(m, mask, router), w, windows) for d, w in W.items()}  # noqa
     merged, _, meta = load_model(merged_dir)
     merged.eval()
     res = {"merged": row(merged), "soup": {d: perplexity(model_logprobs(soup_model(merged)), w, windows)

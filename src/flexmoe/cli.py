@@ -7,6 +7,7 @@
     flexmoe package TRAINED OUT --owner NAME --domain NAME [--licence L]
     flexmoe merge PUBLIC PACKAGE... --out DIR [--top-k K]
     flexmoe eval MODEL --data DOMAIN=DIR ... [--opt-out NAME,...] [--soup]
+                 [--route-embedder PATH --domain-embedding NAME=FILE ...]
     flexmoe quickstart [recipe=flexolmo|bar] [out_dir=DIR] [key=value ...]
     flexmoe import-hf SRC DST            (Olmo2 / FlexOlmo Hugging Face directory -> native)
     flexmoe export-hf SRC DST            (native -> FlexOlmoForCausalLM / Olmo2ForCausalLM directory)
@@ -272,22 +273,46 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--soup", action="store_true", help="also evaluate the model soup of the experts")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--num-windows", type=int, default=64)
+    p.add_argument("--route-embedder", metavar="PATH",
+                   help="document routing by this local sentence-transformers model (anchor_* merges; "
+                        "needs --domain-embedding for every expert)")
+    p.add_argument("--domain-embedding", action="append", default=[], metavar="NAME=FILE",
+                   help="an expert's (or public's) router-embed --embedder output, for --route-embedder")
+    p.add_argument("--route-chunk", type=int, default=32, help="tokens per routing decision of --route-embedder")
     a = p.parse_args(argv)
     model, cfg, meta = load_model(a.model)
     model.eval()
     data = {}
     for item in a.data:
-        if "=" not in item:
-            p.error(f"--data {item!r}: expected DOMAIN=DIR")
-        d, path = item.split("=", 1)
+        d, path = _name_eq_value(item, "--data", p)
         data[d] = TokenWindows(path, a.seq_len)
+    router = None
+    if a.route_embedder:
+        from flexmoe.data import load_tokenizer
+        from flexmoe.flex.docembed import EmbedderRouter, load_embedder, read_domain_embeddings
+
+        if not cfg.is_moe or cfg.routing == "topk":
+            raise ValueError(f"--route-embedder needs a merge with an anchor_* routing; {a.model} routes "
+                             f"{'dense' if not cfg.is_moe else repr(cfg.routing)} (merge with --routing anchor_top1)")
+        files = dict(_name_eq_value(x, "--domain-embedding", p) for x in a.domain_embedding)
+        embs = read_domain_embeddings(meta.get("experts") or [], files)
+        # the embedder reads text: decode with the tokenizer that made the eval data
+        tok = load_tokenizer(next(iter(data.values())).manifest["tokenizer"])
+        router = EmbedderRouter(load_embedder(a.route_embedder), embs, tok.decode, chunk=a.route_chunk)
     mask = expert_mask(meta.get("experts") or [], a.opt_out.split(",")) if cfg.is_moe else None
-    rows = {"model": {d: perplexity(model_logprobs(model, mask), w, a.num_windows) for d, w in data.items()}}
+    rows = {"model": {d: perplexity(model_logprobs(model, mask, router), w, a.num_windows) for d, w in data.items()}}
     if a.soup and cfg.is_moe:
         s = soup_model(model)
         rows["soup"] = {d: perplexity(model_logprobs(s), w, a.num_windows) for d, w in data.items()}
     print(json.dumps({"perplexity": rows}, indent=1))
     return 0
+
+
+def _name_eq_value(item: str, flag: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    if "=" not in item:
+        parser.error(f"{flag} {item!r}: expected NAME=PATH")
+    name, value = item.split("=", 1)
+    return name, value
 
 
 def cmd_quickstart(argv: list[str]) -> int:

