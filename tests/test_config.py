@@ -84,3 +84,27 @@ def test_dry_run_memory_divides_by_the_shard_degree(monkeypatch):
     sharded = dry_run(cfg, mcfg)["memory_per_device_gib"]["weights"]
     single = dry_run(_compose(["model=flexolmo_2x7b"]), mcfg)["memory_per_device_gib"]["weights"]
     assert cfg.parallel.dp_shard == -1 and abs(sharded * 8 / single - 1) < 1e-9
+
+
+def test_config_json_leaves_unused_features_out_for_older_readers(tmp_path):
+    """A model that does not use a newer feature saves no key for it (an older flexmoe refuses
+    unknown keys); one that uses it keeps the key; both load back equal."""
+    import dataclasses
+    import json
+
+    from flexmoe.config.model import FEATURE_DEFAULTS
+
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in FEATURE_DEFAULTS:
+            assert f.default == FEATURE_DEFAULTS[f.name], f.name
+    plain = ModelConfig(num_experts=4)
+    plain.save(tmp_path / "a.json")
+    assert not set(json.loads((tmp_path / "a.json").read_text())) & set(FEATURE_DEFAULTS)
+    assert ModelConfig.load(tmp_path / "a.json") == plain
+    used = ModelConfig(num_experts=4, routing="anchor_ngram", doc_ngram_buckets=64, router_cosine_temp=0.1)
+    used.save(tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text())["routing"] == "anchor_ngram"
+    assert ModelConfig.load(tmp_path / "b.json") == used
+    (tmp_path / "c.json").write_text(json.dumps(dict(plain.to_dict(), future_field=1)))
+    with pytest.raises(ValueError, match="c.json.*future_field.*newer flexmoe"):
+        ModelConfig.load(tmp_path / "c.json")

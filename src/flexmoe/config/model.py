@@ -12,6 +12,10 @@ ROUTINGS = ("topk", "anchor_top1", "anchor_doc", "anchor_ngram")
 # MoE buffers of document routing (per expert, dim 0) with no Hugging Face counterpart: a
 # checkpoint may lack them (loaded as zeros); top-k routing never reads them.
 NATIVE_BUFFERS = ("domain_centroids", "domain_ngrams")
+# Fields added after the first release whose default means "feature off". `save` leaves them out
+# at their default, so an older flexmoe (which refuses keys it does not know) still reads every
+# model that does not use the feature. Their defaults must never change meaning.
+FEATURE_DEFAULTS = {"routing": "topk", "doc_ngram_buckets": 0, "router_cosine_temp": 0.0}
 
 
 @dataclass
@@ -109,14 +113,16 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(names)}")
+            raise ValueError(f"unknown model config keys {unknown} (written by a newer flexmoe? upgrade to read it); "
+                             f"known: {sorted(names)}")
         return cls(**d)
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        d = {k: v for k, v in self.to_dict().items() if k not in FEATURE_DEFAULTS or v != FEATURE_DEFAULTS[k]}
+        Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
