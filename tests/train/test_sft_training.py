@@ -166,3 +166,33 @@ def test_prepare_data_cli_writes_sft_data(tmp_path, capsys):
     assert w.manifest["num_examples"] == 20 and 0 < w.manifest["num_trained_tokens"] < w.manifest["num_tokens"]
     assert main(["prepare-data", str(chats), "--out", str(tmp_path / "x"), "--format", "sft", "--dtype", "uint32"]) == 2
     assert "--dtype does not apply to --format sft" in capsys.readouterr().err
+
+
+def test_sft_accumulation_weighs_micro_batches_by_trained_targets(tmp_path, sft_data):
+    """Batch 8 in one pass and batch 4 accumulated twice see the same 8 windows (whose micro-batches
+    hold different numbers of assistant targets) and take the same step: the loss is the mean over
+    the global batch's trained targets, not the mean of micro-batch means."""
+    root, anchor = sft_data
+    loader = BatchLoader(SFTWindows(root / "train", SEQ), 4, seed=0)
+    c1, c2 = (int(next(loader)["loss_mask"].sum()) for _ in range(2))
+    assert c1 != c2  # otherwise the test could not tell the two weightings apart
+    # AdamW's first step with eps far above |grad| moves each weight by about lr * grad / eps, so
+    # the weights compare the gradients themselves (with the default eps it is about lr * sign).
+    common = {"trainer.steps": 1, "optim.warmup_steps": 0, "optim.grad_clip": 0.0, "trainer.log_every": 1,
+              "optim.lr": 10.0, "optim.eps": 10.0, "optim.weight_decay": 0.0, "optim.min_lr_ratio": 1.0}
+    train(_cfg(tmp_path / "one", root, anchor, **common, **{"data.batch_size": 8}))
+    train(_cfg(tmp_path / "two", root, anchor, **common, **{"data.batch_size": 4, "trainer.grad_accum": 2}))
+
+    def step_loss(run):
+        recs = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
+
+    assert abs(step_loss("one") - step_loss("two")) < 1e-5
+    _, sd0, _ = load_model_dir(anchor)
+    _, sd1, _ = load_model_dir(tmp_path / "one" / "final")
+    _, sd2, _ = load_model_dir(tmp_path / "two" / "final")
+    moved = [k for k in sd1 if not torch.equal(sd1[k], sd0[k])]
+    assert "embed.weight" in moved and "lm_head.weight" in moved
+    for k in moved:
+        d1, d2 = sd1[k] - sd0[k], sd2[k] - sd0[k]
+        assert float((d1 - d2).norm()) <= 1e-3 * float(d1.norm()), k

@@ -152,8 +152,8 @@ def training_loss(forward, inputs: torch.Tensor, targets: torch.Tensor, loss_mas
     Without `loss_mask`: mean cross-entropy over every target (data.format=lm). With it
     (data.format=sft): the mean over trained targets only, so a masked target gets exactly zero
     gradient, and `doc_ids` keeps attention inside each packed example. Each micro-batch is the
-    mean over its own trained targets: with accumulation or several ranks that weighs
-    micro-batches equally, as the lm path does.
+    mean over its own trained targets; the training loop reweighs SFT micro-batches by their
+    share of the global batch's trained targets.
     """
     if loss_mask is None:
         o = forward(inputs)
@@ -273,21 +273,34 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         for g in optimizer.param_groups:
             g["lr"] = lr
         step_loss = 0.0
-        for _ in range(cfg.trainer.grad_accum):
+        ga = cfg.trainer.grad_accum
+        micro = [next(loader) for _ in range(ga)]
+        if sft:
+            # SFT micro-batches hold different numbers of trained targets: weigh each by its count
+            # over the global batch's, so accumulation and data parallelism give the loss of one
+            # big batch. The sum over all ranks counts each data-parallel group's data once per
+            # replica (tp, cp), hence the dp_size / world_size.
+            counts = [float(b["loss_mask"].sum()) for b in micro]
+            global_count = max(_mean_over_ranks(sum(counts), world_size, device) * dp_size, 1.0)
+        for i, mb in enumerate(micro):
             if sft:
-                b = {k: v.to(device) for k, v in next(loader).items()}
+                b = {k: v.to(device) for k, v in mb.items()}
                 inputs, targets, mask, docs = b["tokens"][:, :-1], b["tokens"][:, 1:], b["loss_mask"], b["doc_ids"]
             else:
-                batch = next(loader).to(device)
+                batch = mb.to(device)
                 inputs, targets, mask, docs = batch[:, :-1], batch[:, 1:], None, None
             with autocast:
                 loss, total = training_loss(forward, inputs, targets, mask, docs)
+            if sft:
+                # gradients are averaged over dp ranks (and, by DeepSpeed, over micro-batches)
+                w = counts[i] * dp_size / global_count
+                total = loss * (w * ga) + (total - loss)
             if engine is not None:
                 engine.backward(total)  # scales by 1/grad_accum itself
                 engine.step()  # steps the optimizer only at the accumulation boundary
             else:
-                (total / cfg.trainer.grad_accum).backward()
-            step_loss += loss.item() / cfg.trainer.grad_accum
+                (total / ga).backward()
+            step_loss += loss.item() * (w if sft else 1.0 / ga)
         step_loss = _mean_over_ranks(step_loss, world_size, device)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr or check the data")
