@@ -1,9 +1,10 @@
-"""SFT under data parallelism: 2 FSDP ranks with 4 windows each take the same step as one process
+"""SFT under data parallelism: 2 FSDP (or DeepSpeed ZeRO-2) ranks with 4 windows each take the same step as one process
 with all 8, although the ranks' windows hold different numbers of trained (assistant) targets:
 the loss is the mean over the global batch's trained targets, not the mean of per-rank means."""
 
 import json
 
+import pytest
 import torch
 
 from disthelpers import run_distributed
@@ -16,7 +17,11 @@ from parhelpers import losses, run_cfg, train_on_rank
 SEQ = 64
 
 
-def test_sft_data_parallel_weighs_ranks_by_trained_targets(pdata, tmp_path):
+@pytest.mark.parametrize("parallel", [{"dp_shard": -1}, {"engine": "deepspeed", "zero_stage": 2}],
+                         ids=["fsdp", "zero2"])
+def test_sft_data_parallel_weighs_ranks_by_trained_targets(pdata, tmp_path, parallel):
+    if parallel.get("engine") == "deepspeed":
+        pytest.importorskip("deepspeed")
     src = tmp_path / "chats.jsonl"
     src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in arithmetic_chats(300, seed=0)))
     prepare_sft([src], tmp_path / "sft", ByteTokenizer())
@@ -32,7 +37,7 @@ def test_sft_data_parallel_weighs_ranks_by_trained_targets(pdata, tmp_path):
         return c
 
     run_distributed(train_on_rank, 1, [cfg(tmp_path / "one", 1)])
-    run_distributed(train_on_rank, 2, [cfg(tmp_path / "two", 2, dp_shard=-1)])
+    run_distributed(train_on_rank, 2, [cfg(tmp_path / "two", 2, **parallel)])
     assert abs(losses(tmp_path / "one")[1] - losses(tmp_path / "two")[1]) < 1e-5
     _, sd0, _ = load_model_dir(pdata["init"])
     _, sd1, _ = load_model_dir(tmp_path / "one" / "final")
