@@ -131,17 +131,15 @@ def proxy_data(out: Path, train_dir: Path, seq_len: int, fraction: float) -> Pat
     """A small sample (`fraction` of the windows, at least 16) of one owner's training data, as a
     prepared data directory: the router-tuning proxy."""
     from flexmoe.data import ByteTokenizer, TokenWindows, prepare_data
-    from flexmoe.flex.router_init import spread_indices
+    from flexmoe.flex.router_init import sample_texts
 
     if (out / "manifest.json").exists():
         return out
     w = TokenWindows(train_dir, seq_len)
-    tok = ByteTokenizer()
-    idx = spread_indices(len(w), max(16, round(len(w) * fraction)))
     src = out.with_suffix(".jsonl")
     src.parent.mkdir(parents=True, exist_ok=True)
-    src.write_text("".join(json.dumps({"text": tok.decode(w[int(i)].tolist())}) + "\n" for i in idx))
-    prepare_data([src], out, tok, progress=False)
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(w, max(16, round(len(w) * fraction)))))
+    prepare_data([src], out, ByteTokenizer(), progress=False)
     return out
 
 
@@ -258,10 +256,14 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
     return rows
 
 
+def _label(r: dict) -> str:
+    """The merge setting's name; router tuning pools data across owners, so it says opt-in."""
+    return r["merge"] + (" (opt-in)" if "router_tune" in r["merge"] else "")
+
+
 def print_row(r: dict, domains: list[str]) -> None:
     cells = " ".join(f"{r[f'ratio/{d}']:6.3f}" for d in domains)
-    label = r['merge'] + (" (opt-in)" if "router_tune" in r['merge'] else "")
-    print(f"{r['corpora']:8} {r['train']:16} {label:28} {cells}  drift {r['max_optout_drift']:6.3f}  "
+    print(f"{r['corpora']:8} {r['train']:16} {_label(r):28} {cells}  drift {r['max_optout_drift']:6.3f}  "
           f"public {r['public_ratio']:5.3f}  vs-soup {r['vs_soup']:5.3f}  "
           f"{'all bounds hold' if r['all_bounds_hold'] else ''}", flush=True)
 
@@ -357,9 +359,8 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["corpora"], r["train"], r["merge"], r.get("windows") or 0)):
         doms = [k[6:] for k in r if k.startswith("ratio/")]
-        label = r["merge"] + (" (opt-in)" if "router_tune" in r["merge"] else "")
         cells = ", ".join(f"{r['ratio/' + d]:.3f}" for d in doms)
-        print(f"| {r['corpora']} | {r['train']} | {label} | {r.get('windows', '?')} | {cells} | "
+        print(f"| {r['corpora']} | {r['train']} | {_label(r)} | {r.get('windows', '?')} | {cells} | "
               f"{r['max_optout_drift']:.1%} | {r['public_ratio']:.3f} | {r['vs_soup']:.3f} | "
               f"{'all hold' if r['all_bounds_hold'] else 'no'} |")
 

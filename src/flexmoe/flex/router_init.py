@@ -57,10 +57,7 @@ def embedder_embedding(embedder_path: str | Path, texts: list[str], d_model: int
     comparable) -> (`[L, D]` rows, `[H]` domain embedding)."""
     from flexmoe.flex.docembed import domain_embedding, load_embedder
 
-    path = Path(embedder_path)
-    if not path.is_dir():
-        raise ValueError(f"{path}: embedder directory not found (give a local sentence-transformers model path)")
-    emb = domain_embedding(load_embedder(path), texts)
+    emb = domain_embedding(load_embedder(embedder_path), texts)
     gen = torch.Generator().manual_seed(seed)
     proj = torch.randn(emb.shape[0], d_model, generator=gen) / emb.shape[0] ** 0.5
     return (emb @ proj).expand(num_layers, d_model).clone(), emb

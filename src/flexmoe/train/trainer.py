@@ -275,14 +275,16 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         step_loss = 0.0
         ga = cfg.trainer.grad_accum
         micro = [next(loader) for _ in range(ga)]
+        # Each micro-batch's share of the step's loss. SFT micro-batches hold different numbers of
+        # trained targets, so each is weighed by its count over the global batch's: accumulation
+        # and data parallelism then give the loss of one big batch. The mean over all ranks counts
+        # each data-parallel group's data once per replica (tp, cp), hence the * dp_size.
+        weights = [1.0 / ga] * ga
         if sft:
-            # SFT micro-batches hold different numbers of trained targets: weigh each by its count
-            # over the global batch's, so accumulation and data parallelism give the loss of one
-            # big batch. The sum over all ranks counts each data-parallel group's data once per
-            # replica (tp, cp), hence the dp_size / world_size.
             counts = [float(b["loss_mask"].sum()) for b in micro]
             global_count = max(_mean_over_ranks(sum(counts), world_size, device) * dp_size, 1.0)
-        for i, mb in enumerate(micro):
+            weights = [c * dp_size / global_count for c in counts]
+        for mb, w in zip(micro, weights):
             if sft:
                 b = {k: v.to(device) for k, v in mb.items()}
                 inputs, targets, mask, docs = b["tokens"][:, :-1], b["tokens"][:, 1:], b["loss_mask"], b["doc_ids"]
@@ -291,16 +293,14 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
                 inputs, targets, mask, docs = batch[:, :-1], batch[:, 1:], None, None
             with autocast:
                 loss, total = training_loss(forward, inputs, targets, mask, docs)
-            if sft:
-                # gradients are averaged over dp ranks (and, by DeepSpeed, over micro-batches)
-                w = counts[i] * dp_size / global_count
+            if sft:  # backward divides by ga below (DeepSpeed's engine does it itself)
                 total = loss * (w * ga) + (total - loss)
             if engine is not None:
                 engine.backward(total)  # scales by 1/grad_accum itself
                 engine.step()  # steps the optimizer only at the accumulation boundary
             else:
                 (total / ga).backward()
-            step_loss += loss.item() * (w if sft else 1.0 / ga)
+            step_loss += loss.item() * w if sft else loss.item() / ga
         step_loss = _mean_over_ranks(step_loss, world_size, device)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr or check the data")
