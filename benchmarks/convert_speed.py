@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from flexmoe.config import ModelConfig
-from flexmoe.convert.hf import native_shapes
-from flexmoe.convert.safetensors_io import CONFIG, META, WEIGHTS, sha256_file
-from flexmoe.convert.stream import LazyTensor, Span, write_all, write_file
+from flexmoe.io.keys import native_shapes
+from flexmoe.io.model_dir import CONFIG, META, WEIGHTS
+from flexmoe.io.files import sha256_file
+from flexmoe.io.stream import LazyTensor, Span, write_all, write_file
 
 BENCH_CFG = ModelConfig(vocab_size=8192, d_model=2048, num_layers=8, num_heads=16, d_ff=2048, num_experts=4, top_k=2)
 WRAPPER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "

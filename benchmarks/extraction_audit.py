@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from flexmoe.config.train import RunConfig
-from flexmoe.convert.safetensors_io import load_model
+from flexmoe.train.load import load_model
 from flexmoe.data import ByteTokenizer, TokenWindows, load_shared_corpora, prepare_data
 from flexmoe.eval.extraction import AuditConfig, audit_models, documents_from_texts
 from flexmoe.flex.branch import branch

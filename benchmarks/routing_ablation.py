@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from flexmoe.quickstart import _run  # noqa: E402
+from flexmoe.recipes.common import run_step as _run  # noqa: E402
 
 MERGE_SETTINGS = [  # (name, routing, router_rows, top_k[, router cosine temperature])
     ("topk2", "topk", "raw", 2), ("topk3", "topk", "raw", 3), ("topk2+common_norm", "topk", "common_norm", 2),
@@ -92,10 +92,10 @@ def shared_domains(out: Path, max_bytes: int) -> dict[str, dict[str, list[Path]]
 def evaluate(public, merged_dir, experts, val, seq_len, windows, router=None) -> dict:
     """Perplexities of the merge, its soup and each opt-out. `router`: an EmbedderRouter whose
     choice reaches the model as `route_choice` (the anchor_embed row)."""
-    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.train.load import load_model
     from flexmoe.data import TokenWindows
     from flexmoe.eval.baselines import soup_model
-    from flexmoe.eval.perplexity import model_logprobs, perplexity
+    from flexmoe.train.perplexity import model_logprobs, perplexity
     from flexmoe.flex.optout import expert_mask
 
     W = {d: TokenWindows(p, seq_len) for d, p in val.items()}
@@ -112,7 +112,7 @@ def evaluate(public, merged_dir, experts, val, seq_len, windows, router=None) ->
 def embedder_router(embedder_path, merged_dir, train_dirs: dict[str, Path], seq_len: int):
     """An EmbedderRouter over the merged model's experts, each domain embedding made from that
     owner's own training data (row 0 from the public data), as `router-embed --embedder` does."""
-    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.train.load import load_model
     from flexmoe.data import ByteTokenizer, TokenWindows
     from flexmoe.flex.docembed import EmbedderRouter, domain_embedding, load_embedder
     from flexmoe.flex.router_init import sample_texts
@@ -144,9 +144,9 @@ def proxy_data(out: Path, train_dir: Path, seq_len: int, fraction: float) -> Pat
 
 
 def summarise(res: dict, expert_ppl: dict, public_ppl: dict, domains: list[str]) -> dict:
-    """The report's routing-quality numbers (flexmoe.eval.report.routing_quality) of one merge:
+    """The report's routing-quality numbers (flexmoe.recipes.report.routing_quality) of one merge:
     drift is over every other eval domain, public text included."""
-    from flexmoe.eval.report import quality_claims, routing_quality
+    from flexmoe.recipes.report import quality_claims, routing_quality
 
     ppl = {"merged": res["merged"], "soup": res["soup"], "public": public_ppl,
            **{f"merged-without/{d}": res[f"without/{d}"] for d in domains},
@@ -161,9 +161,9 @@ def summarise(res: dict, expert_ppl: dict, public_ppl: dict, domains: list[str])
 
 def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
     """Experts per training setting, then every merge setting, for one corpus set."""
-    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.train.load import load_model
     from flexmoe.data import ByteTokenizer, TokenWindows, prepare_data
-    from flexmoe.eval.perplexity import model_logprobs, perplexity
+    from flexmoe.train.perplexity import model_logprobs, perplexity
 
     tok = ByteTokenizer()
     data = {}

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from flexmoe.config import ModelConfig  # noqa: E402
 from flexmoe.config.train import OptimConfig  # noqa: E402
-from flexmoe.flex.freeze import PLANS, apply_freeze_plan  # noqa: E402
+from flexmoe.train.freeze import PLANS, apply_freeze_plan  # noqa: E402
 from flexmoe.model import Transformer  # noqa: E402
 from flexmoe.model.flops import flops_per_token  # noqa: E402
 from flexmoe.train.metrics import peak_memory_gib  # noqa: E402

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from flexmoe.config import ModelConfig
-from flexmoe.convert.safetensors_io import load_model_dir, save_model_dir
+from flexmoe.io.model_dir import load_model_dir, save_model_dir
 from flexmoe.flex.branch import branch
-from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.io.fingerprint import fingerprint
 from flexmoe.flex.package import make_package
 from flexmoe.flex.router_init import attach_public_embedding
 from flexmoe.model import Transformer

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from flexmoe.bar_quickstart import BarConfig
-from flexmoe.quickstart import quickstart_main
+from flexmoe.recipes.bar import BarConfig
+from flexmoe.recipes import quickstart_main
 
 
 def test_bar_quickstart_small(tmp_path):

@@ -62,7 +62,7 @@ def test_dry_run_anchor_stage_trains_one_expert():
 
 def test_freeze_plan_names_match():
     from flexmoe.config.train import FREEZE_PLAN_NAMES
-    from flexmoe.flex.freeze import PLANS
+    from flexmoe.train.freeze import PLANS
 
     assert sorted(FREEZE_PLAN_NAMES) == sorted(PLANS)
 

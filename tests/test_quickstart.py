@@ -4,7 +4,7 @@ report has every row, on every eval domain, with finite numbers."""
 import json
 import math
 
-from flexmoe.quickstart import QuickstartConfig, run_quickstart
+from flexmoe.recipes.flexolmo import QuickstartConfig, run_quickstart
 
 
 def test_quickstart_small(tmp_path):

@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from flexmoe.config import ModelConfig
 from flexmoe.convert.hf import hf_config
-from flexmoe.convert.safetensors_io import save_model_dir
-from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.io.model_dir import save_model_dir
+from flexmoe.io.fingerprint import fingerprint
 from flexmoe.model import Transformer
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexmoe.convert.hf_export import export_hf
-from flexmoe.convert.safetensors_io import load_model_dir, save_model_dir
+from flexmoe.io.model_dir import load_model_dir, save_model_dir
 from hfhelpers import edit_json, make_native, random_config, refuse
 
 INDEX = "model.safetensors.index.json"

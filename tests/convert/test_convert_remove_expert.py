@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 from flexmoe.convert.hf_export import export_hf
-from flexmoe.convert.safetensors_io import load_model, load_model_dir, save_model_dir
+from flexmoe.train.load import load_model
+from flexmoe.io.model_dir import load_model_dir, save_model_dir
 from flexmoe.flex.merge import merge
 from flexmoe.flex.optout import expert_mask
 from flexmoe.flex.release import remove_expert

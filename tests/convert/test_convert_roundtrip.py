@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from flexmoe.cli import main as cli_main
 from flexmoe.convert.hf_export import export_hf
 from flexmoe.convert.hf_import import import_hf
-from flexmoe.convert.safetensors_io import load_model, load_model_dir
+from flexmoe.train.load import load_model
+from flexmoe.io.model_dir import load_model_dir
 from hfhelpers import hf_model, hf_tensors, make_native, random_config, save_hf
 
 transformers = pytest.importorskip("transformers")

@@ -12,11 +12,11 @@ import torch
 
 from flexmoe.config import ModelConfig
 from flexmoe.convert.hf_export import export_hf, parse_size
-from flexmoe.convert.native import open_native
-from flexmoe.convert.progress import Progress
-from flexmoe.convert.safetensors_io import load_model_dir, save_model_dir
-from flexmoe.convert.stream import FilePool, stream_fingerprint
-from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.io.native import open_native
+from flexmoe.io.progress import Progress
+from flexmoe.io.model_dir import load_model_dir, save_model_dir
+from flexmoe.io.stream import FilePool, stream_fingerprint
+from flexmoe.io.fingerprint import fingerprint
 from hfhelpers import hf_tensors, make_native, random_config
 
 

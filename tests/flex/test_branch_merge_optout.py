@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flexmoe.cli import main as cli_main
-from flexmoe.convert.safetensors_io import CheckpointError, load_model, load_model_dir
+from flexmoe.io.model_dir import CheckpointError, load_model_dir
+from flexmoe.train.load import load_model
 from flexmoe.flex.branch import branch
 from flexmoe.flex.merge import merge
 from flexmoe.flex.optout import expert_mask
@@ -147,7 +148,7 @@ def test_refuses_missing_manifest_and_corrupt_public(tmp_path, capsys):
 
 
 def test_package_refuses_changed_shared_tensors(tmp_path):
-    from flexmoe.convert.safetensors_io import save_model_dir
+    from flexmoe.io.model_dir import save_model_dir
     from flexmoe.flex.package import make_package
 
     public = make_public(tmp_path)

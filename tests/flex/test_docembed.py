@@ -4,7 +4,7 @@ reproduction through `route_choice`, exact opt-out, and the bundled MiniLM when 
 import pytest
 import torch
 
-from flexmoe.convert.safetensors_io import load_model
+from flexmoe.train.load import load_model
 from flexmoe.flex.docembed import EmbedderRouter, bundled_embedder_path, domain_embedding, load_embedder
 from flexmoe.flex.merge import merge
 from flexmoe.flex.optout import expert_mask

@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from flexmoe.data import ByteTokenizer, build_builtin_corpora, prepare_data
-from flexmoe.model.docroute import (
-    NGRAM_ORDERS,
-    document_scores,
-    ngram_buckets,
-    ngram_choice,
-    ngram_counts,
-    ngram_profile,
-    profile_from_counts,
-)
+from flexmoe.data.ngrams import NGRAM_ORDERS, ngram_buckets, ngram_counts, ngram_profile, profile_from_counts
+from flexmoe.model.docroute import document_scores, ngram_choice
 
 
 def test_buckets_depend_only_on_the_ngram():

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from flexmoe.config import ModelConfig
 from flexmoe.config.train import RunConfig
-from flexmoe.convert.safetensors_io import load_model_dir
+from flexmoe.io.model_dir import load_model_dir
 from flexmoe.data import ByteTokenizer, prepare_data
 from flexmoe.flex.branch import branch
 from flexmoe.train.trainer import train

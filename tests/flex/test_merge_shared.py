@@ -2,7 +2,7 @@
 
 import torch
 
-from flexmoe.convert.safetensors_io import load_model_dir, save_model_dir
+from flexmoe.io.model_dir import load_model_dir, save_model_dir
 from flexmoe.flex.branch import branch
 from flexmoe.flex.merge import merge
 from flexmoe.flex.package import make_package

@@ -14,7 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from flexmoe.config.train import RunConfig
-from flexmoe.convert.safetensors_io import load_model, load_model_dir
+from flexmoe.train.load import load_model
+from flexmoe.io.model_dir import load_model_dir
 from flexmoe.data import ByteTokenizer, TokenWindows, prepare_data
 from flexmoe.data.proxy import sample_proxy
 from flexmoe.flex.branch import branch

@@ -4,7 +4,7 @@ reproduces an owner's own model when it picks that owner."""
 import pytest
 import torch
 
-from flexmoe.convert.safetensors_io import load_model
+from flexmoe.train.load import load_model
 from flexmoe.flex.merge import merge
 from flexmoe.flex.optout import expert_mask
 from helpers import NGRAM_BUCKETS, TINY, make_packages, make_public, make_trained_anchor
@@ -72,7 +72,7 @@ def test_ngram_routing_reproduces_the_owners_model(tmp_path):
 
 
 def test_ngram_routing_refused_without_profiles(tmp_path):
-    from flexmoe.convert.safetensors_io import CheckpointError
+    from flexmoe.io.model_dir import CheckpointError
 
     public = make_public(tmp_path)
     pkgs = make_packages(tmp_path, public, ["code"], ngram=True) + make_packages(tmp_path, public, ["legal"])
@@ -107,7 +107,7 @@ def test_anchor_top1_equals_topk_on_two_experts(tmp_path):
 
 
 def test_router_row_transforms(tmp_path):
-    from flexmoe.convert.safetensors_io import load_model_dir
+    from flexmoe.io.model_dir import load_model_dir
 
     public = make_public(tmp_path)
     pkgs = make_packages(tmp_path, public, DOMAINS)

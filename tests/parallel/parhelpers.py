@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from flexmoe.config import ModelConfig
 from flexmoe.config.train import RunConfig
-from flexmoe.convert.safetensors_io import save_model_dir
+from flexmoe.io.model_dir import save_model_dir
 from flexmoe.data import ByteTokenizer, prepare_data
 from flexmoe.model import Transformer
 

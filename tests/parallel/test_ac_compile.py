@@ -4,7 +4,7 @@ keeps them within float noise. Both leave parameter names, so checkpoints, uncha
 import pytest
 import torch
 
-from flexmoe.convert.safetensors_io import load_model_dir
+from flexmoe.io.model_dir import load_model_dir
 from parhelpers import losses, run_cfg, train_on_rank
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from disthelpers import run_distributed
-from flexmoe.convert.safetensors_io import load_model_dir
+from flexmoe.io.model_dir import load_model_dir
 from flexmoe.model.moe import canonical_state_dict
 from parhelpers import losses, run_cfg, train_on_rank
 

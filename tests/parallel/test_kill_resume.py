@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from disthelpers import run_distributed
-from flexmoe.convert.safetensors_io import load_model_dir
+from flexmoe.io.model_dir import load_model_dir
 from flexmoe.train.checkpoint import complete_checkpoints
 from parhelpers import losses, run_cfg, train_on_rank
 

@@ -6,7 +6,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from disthelpers import run_distributed
-from flexmoe.convert.safetensors_io import load_model_dir
+from flexmoe.io.model_dir import load_model_dir
 from parhelpers import losses, run_cfg, train_on_rank
 
 PLANS = ("none", "expert_anchor")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from disthelpers import run_distributed
-from flexmoe.convert.safetensors_io import load_model_dir
+from flexmoe.io.model_dir import load_model_dir
 from flexmoe.data import BatchLoader, ByteTokenizer
 from flexmoe.data.chat_corpora import arithmetic_chats
 from flexmoe.data.sft import SFTWindows, prepare_sft

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from flexmoe.config import ModelConfig
-from flexmoe.convert.safetensors_io import save_model_dir
+from flexmoe.io.model_dir import save_model_dir
 from flexmoe.data import ByteTokenizer, prepare_data
-from flexmoe.flex.fingerprint import fingerprint
-from flexmoe.flex.freeze import PLANS, apply_freeze_plan
+from flexmoe.io.fingerprint import fingerprint
+from flexmoe.train.freeze import PLANS, apply_freeze_plan
 from flexmoe.flex.router_init import attach_public_embedding
 from flexmoe.model import Transformer
 

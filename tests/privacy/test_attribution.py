@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import TINY, make_packages, make_public
 
-from flexmoe.convert.safetensors_io import load_model
+from flexmoe.train.load import load_model
 from flexmoe.flex.attribution import attribution, token_weight_shares
-from flexmoe.flex.commands import COMMANDS
+from flexmoe.commands import COMMANDS
 from flexmoe.flex.merge import merge
 from flexmoe.flex.optout import expert_mask
 

@@ -8,16 +8,10 @@ import torch
 from helpers import TINY, make_public, make_trained_anchor
 from safetensors.torch import load_file, save_file
 
-from flexmoe.convert.safetensors_io import (
-    META,
-    WEIGHTS,
-    CheckpointError,
-    load_model,
-    read_json,
-    sha256_file,
-    write_json,
-)
-from flexmoe.flex.commands import COMMANDS
+from flexmoe.io.model_dir import META, WEIGHTS, CheckpointError, read_json, write_json
+from flexmoe.train.load import load_model
+from flexmoe.io.files import sha256_file
+from flexmoe.commands import COMMANDS
 from flexmoe.flex.consent import active_mask, consent_mask, load_for_use
 from flexmoe.flex.merge import merge
 from flexmoe.flex.package import make_package

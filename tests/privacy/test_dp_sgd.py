@@ -9,10 +9,11 @@ import torch
 from privhelpers import BYTE_TINY, make_byte_public, prepared_text, stdlib_text
 
 from flexmoe.config.train import DataConfig, OptimConfig, RunConfig, StageConfig, TrainerConfig
-from flexmoe.convert.safetensors_io import load_model, load_model_dir
+from flexmoe.train.load import load_model
+from flexmoe.io.model_dir import load_model_dir
 from flexmoe.data import TokenWindows
 from flexmoe.flex.branch import branch
-from flexmoe.flex.freeze import PLANS, apply_freeze_plan
+from flexmoe.train.freeze import PLANS, apply_freeze_plan
 from flexmoe.flex.package import make_package
 from flexmoe.train.privacy import (
     PrivacyConfig,

@@ -8,7 +8,8 @@ import pytest
 import torch
 from privhelpers import BYTE_TINY, docstring_docs, make_byte_public, overtrain_expert, prepared_docs
 
-from flexmoe.convert.safetensors_io import load_model, save_model_dir
+from flexmoe.train.load import load_model
+from flexmoe.io.model_dir import save_model_dir
 from flexmoe.data import ByteTokenizer
 from flexmoe.eval.extraction import (
     AuditConfig,
@@ -21,7 +22,7 @@ from flexmoe.eval.extraction import (
 )
 from flexmoe.eval.generate import Sampling, filter_logits, generate
 from flexmoe.flex.branch import branch
-from flexmoe.flex.commands import COMMANDS
+from flexmoe.commands import COMMANDS
 from flexmoe.flex.merge import merge
 from flexmoe.flex.optout import expert_mask
 from flexmoe.flex.package import make_package

@@ -12,13 +12,14 @@ from omegaconf import OmegaConf
 
 from flexmoe.config import ModelConfig
 from flexmoe.config.train import RunConfig
-from flexmoe.convert.safetensors_io import load_model, load_model_dir, save_model_dir
+from flexmoe.train.load import load_model
+from flexmoe.io.model_dir import load_model_dir, save_model_dir
 from flexmoe.data import BatchLoader, ByteTokenizer, Mixture, prepare_data
 from flexmoe.data.chat_corpora import arithmetic_chats
 from flexmoe.data.sft import SFTWindows, prepare_sft
 from flexmoe.flex.branch import branch
-from flexmoe.flex.fingerprint import fingerprint
-from flexmoe.flex.freeze import PLANS
+from flexmoe.io.fingerprint import fingerprint
+from flexmoe.train.freeze import PLANS
 from flexmoe.model import Transformer
 from flexmoe.train.trainer import build_model, evaluate_loss, train, training_loss
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from flexmoe.config.train import RunConfig
-from flexmoe.convert.safetensors_io import load_model_dir
+from flexmoe.io.model_dir import load_model_dir
 from flexmoe.data import ByteTokenizer, prepare_data
 from flexmoe.flex.branch import branch
 from flexmoe.train.trainer import train
@@ -104,7 +104,7 @@ def test_expert_training_keeps_frozen_tensors_bit_identical(tmp_path, data, publ
 
 
 def _initial_val_loss(model_dir, data):
-    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.train.load import load_model
     from flexmoe.data import TokenWindows
     from flexmoe.train.trainer import evaluate_loss
 
@@ -115,7 +115,7 @@ def _initial_val_loss(model_dir, data):
 def test_no_optimizer_state_for_frozen_parameters(tmp_path):
     from flexmoe.config import ModelConfig
     from flexmoe.config.train import OptimConfig
-    from flexmoe.flex.freeze import PLANS, apply_freeze_plan
+    from flexmoe.train.freeze import PLANS, apply_freeze_plan
     from flexmoe.model import Transformer
     from flexmoe.train.optim import build_optimizer
 

@@ -37,7 +37,7 @@ class OptimConfig:
 # The values of data.format, named here so the CLI can refuse a typo before importing torch.
 DATA_FORMATS = ("lm", "sft")
 
-# The freeze plans of flexmoe.flex.freeze.PLANS, named here so the CLI can refuse a typo before
+# The freeze plans of flexmoe.train.freeze.PLANS, named here so the CLI can refuse a typo before
 # importing torch (tests/test_config.py keeps the two lists equal).
 FREEZE_PLAN_NAMES = ("none", "expert_anchor", "router_tune", "midtrain", "sft", "rl_unfrozen")
 
@@ -45,7 +45,7 @@ FREEZE_PLAN_NAMES = ("none", "expert_anchor", "router_tune", "midtrain", "sft", 
 @dataclass
 class StageConfig:
     name: str = "public_pretrain"
-    freeze: str = "none"  # a plan in flexmoe.flex.freeze.PLANS
+    freeze: str = "none"  # a plan in flexmoe.train.freeze.PLANS
     public_mix: float = 0.0  # share of each batch drawn from data.train["public"] (expert stages)
 
 

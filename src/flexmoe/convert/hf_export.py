@@ -14,13 +14,15 @@ from typing import Any
 
 import torch
 
-from flexmoe.convert.extras import write_extras
-from flexmoe.convert.hf import hf_config, key_pairs
-from flexmoe.convert.hf_dir import HF_CONFIG, INDEX, SINGLE, copy_tokenizer
-from flexmoe.convert.native import open_native
-from flexmoe.convert.progress import Progress
-from flexmoe.convert.safetensors_io import CONFIG, META, WEIGHTS, CheckpointError, atomic_dir, write_json
-from flexmoe.convert.stream import FilePool, LazyTensor, out_dtype, out_nbytes, write_file
+from flexmoe.io.extras import write_extras
+from flexmoe.convert.hf import hf_config
+from flexmoe.io.keys import key_pairs
+from flexmoe.io.hf_dir import HF_CONFIG, INDEX, SINGLE, copy_tokenizer
+from flexmoe.io.native import open_native
+from flexmoe.io.progress import Progress
+from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, CheckpointError, atomic_dir, write_json
+from flexmoe.io.stream import FilePool, LazyTensor, out_dtype, out_nbytes, write_file
+from flexmoe.io.keys import router_bias_key
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -110,11 +112,11 @@ def _check_router_bias(src: Path, cfg, native: dict[str, LazyTensor], pool: File
     if not (cfg.is_moe and cfg.router_bias):
         return
     for i in range(cfg.num_layers):
-        b = pool.read(native[f"layers.{i}.ffn.router.bias"]).float()
+        b = pool.read(native[router_bias_key(i)]).float()
         # What the router adds (model/moe.py): clamped to <= 0 and 0 for the anchor.
         applied = torch.cat([b.new_zeros(1), b[1:].clamp(max=0)])
         if bool(applied.ne(0).any()):
-            raise CheckpointError(f"{src / WEIGHTS}: layers.{i}.ffn.router.bias is non-zero ({applied.tolist()}); "
+            raise CheckpointError(f"{src / WEIGHTS}: {router_bias_key(i)} is non-zero ({applied.tolist()}); "
                                   "Hugging Face FlexOlmo has no router bias, so the export would route differently; "
                                   "zero the biases (or fold them into a release without them) before export")
 

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flexmoe.convert.extras import ROUTER_PUBLIC, read_extras, with_profile_buckets
-from flexmoe.convert.hf_dir import copy_tokenizer, expert_names, open_hf_dir
-from flexmoe.convert.native import write_native
-from flexmoe.convert.progress import Progress
-from flexmoe.convert.safetensors_io import META, atomic_dir, read_json
-from flexmoe.convert.stream import FilePool, stream_fingerprint
+from flexmoe.io.extras import ROUTER_PUBLIC, read_extras, with_profile_buckets
+from flexmoe.io.hf_dir import copy_tokenizer, expert_names, open_hf_dir
+from flexmoe.io.native import write_native
+from flexmoe.io.progress import Progress
+from flexmoe.io.model_dir import META, atomic_dir, read_json
+from flexmoe.io.stream import FilePool, stream_fingerprint
 
 TOKENIZER_DIR = "tokenizer"
 

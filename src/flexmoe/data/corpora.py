@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from flexmoe.data.errors import DataError
-from flexmoe.data.files import atomic_write_json, atomic_write_text
+from flexmoe.io.files import atomic_write_json, atomic_write_text
 
 DOMAINS = ("public", "code", "legal", "math")
 MAX_DOC_BYTES = 8 * 1024

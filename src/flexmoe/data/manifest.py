@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from flexmoe.data.errors import DataError
-from flexmoe.data.files import sha256_file
+from flexmoe.io.files import sha256_file
 
 FORMAT = "flexmoe-tokens/1"
 MANIFEST_NAME = "manifest.json"

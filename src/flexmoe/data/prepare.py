@@ -15,7 +15,7 @@ import numpy as np
 
 from flexmoe.data.documents import expand_inputs, iter_documents
 from flexmoe.data.errors import DataError
-from flexmoe.data.files import atomic_write_json, sha256_file
+from flexmoe.io.files import atomic_write_json, sha256_file
 from flexmoe.data.manifest import FORMAT, MANIFEST_NAME, load_manifest
 from flexmoe.data.tokenize import load_tokenizer
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from flexmoe.data.dataset import TokenWindows
 from flexmoe.data.errors import DataError
-from flexmoe.data.files import atomic_output_dir, sha256_file
+from flexmoe.io.files import atomic_output_dir, sha256_file
 
 
 def sample_proxy(data_dir: str | Path, out_dir: str | Path, fraction: float, seq_len: int, *, seed: int = 0,
@@ -23,7 +23,7 @@ def sample_proxy(data_dir: str | Path, out_dir: str | Path, fraction: float, seq
     idx = np.sort(np.random.default_rng(seed).choice(len(src), size=n, replace=False))
     tokens = np.concatenate([src[int(i)][:-1] for i in idx] + [src[int(idx[-1])][-1:]])
     dtype = np.dtype(src.manifest["dtype"])
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, error=DataError) as tmp:
         np.save(tmp / "shard-00000.npy", tokens.astype(dtype))
         manifest = {
             "format": "flexmoe-tokens/1", "domain": src.domain, "tokenizer": src.manifest["tokenizer"],

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from flexmoe.data.errors import DataError
-from flexmoe.data.files import atomic_output_dir, sha256_file
+from flexmoe.io.files import atomic_output_dir, sha256_file
 
 
 def render_simple(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -74,7 +74,7 @@ def prepare_sft(inputs: list[str | Path], out_dir: str | Path, tokenizer, *, ove
     if not ids:
         raise DataError(f"{', '.join(map(str, inputs))}: no chat examples found")
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, error=DataError) as tmp:
         np.save(tmp / "tokens.npy", np.asarray(ids, dtype=dtype))
         np.save(tmp / "loss_mask.npy", np.asarray(mask, dtype=np.uint8))
         np.save(tmp / "doc_starts.npy", np.asarray(starts, dtype=np.int64))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol, Union
 
 from flexmoe.data.errors import DataError
-from flexmoe.data.files import atomic_write_json, atomic_write_text, sha256_file
+from flexmoe.io.files import atomic_write_json, atomic_write_text, sha256_file
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

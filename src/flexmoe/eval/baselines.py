@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from flexmoe.config.model import NATIVE_BUFFERS
 from flexmoe.model import Transformer
+from flexmoe.io.keys import dense_ffn_key, is_router_key, parse_experts_key
 
 
 def soup_model(merged: Transformer) -> Transformer:
@@ -17,11 +18,11 @@ def soup_model(merged: Transformer) -> Transformer:
     cfg = merged.cfg.replace(num_experts=0, router_bias=False)
     sd = {}
     for k, v in merged.state_dict().items():
-        if ".ffn.router." in k or k in NATIVE_BUFFERS:
+        if is_router_key(k) or k in NATIVE_BUFFERS:
             continue
-        if ".ffn.experts." in k:
-            layer, name = k.split(".")[1], k.rsplit(".", 1)[1]
-            sd[f"layers.{layer}.ffn.{name}.weight"] = v.float().mean(0)
+        parsed = parse_experts_key(k)
+        if parsed:
+            sd[dense_ffn_key(*parsed)] = v.float().mean(0)
         else:
             sd[k] = v
     model = Transformer(cfg)

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.convert.safetensors_io import CheckpointError, load_model_dir, save_model_dir
-from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.io.model_dir import CheckpointError, load_model_dir, save_model_dir
+from flexmoe.io.fingerprint import fingerprint
+from flexmoe.io.keys import EXPERT_WEIGHTS, dense_ffn_key, experts_key, is_shared_key, router_bias_key, router_weight_key
 
 
 def branch_state_dict(
@@ -29,18 +30,18 @@ def branch_state_dict(
     moe_cfg = cfg.replace(num_experts=2, top_k=2, doc_ngram_buckets=buckets)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if ".ffn." not in k:
+        if is_shared_key(k):
             out[k] = v.clone()
     for i in range(cfg.num_layers):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            w = sd[f"layers.{i}.ffn.{name}.weight"]
-            out[f"layers.{i}.ffn.experts.{name}"] = torch.stack([w, w.clone()])
+        for name in EXPERT_WEIGHTS:
+            w = sd[dense_ffn_key(i, name)]
+            out[experts_key(i, name)] = torch.stack([w, w.clone()])
         if router_rows is not None:
-            out[f"layers.{i}.ffn.router.weight"] = router_rows[i].float().clone()
+            out[router_weight_key(i)] = router_rows[i].float().clone()
         else:
-            out[f"layers.{i}.ffn.router.weight"] = torch.zeros(2, cfg.d_model)
+            out[router_weight_key(i)] = torch.zeros(2, cfg.d_model)
         if moe_cfg.router_bias:
-            out[f"layers.{i}.ffn.router.bias"] = torch.zeros(2)
+            out[router_bias_key(i)] = torch.zeros(2)
     # Layer-0 rows double as the domain centroids of document routing (public, owner).
     out["domain_centroids"] = router_rows[0].float().clone() if router_rows is not None else torch.zeros(2, cfg.d_model)
     if ngram_profiles is not None:

@@ -21,7 +21,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from flexmoe.convert.safetensors_io import META, CheckpointError
+from flexmoe.io.model_dir import META, CheckpointError
+from flexmoe.io.keys import EXPERT_WEIGHTS, experts_key, router_weight_key
 
 USES = ("research", "commercial", "evaluation", "education", "any")  # "any": every use
 PUBLIC_CONSENT = {"allowed_uses": ["any"], "expires": None}
@@ -100,8 +101,7 @@ def expert_tensor_sha256(sd: dict[str, torch.Tensor], slot: int, num_layers: int
     """sha256 over one expert slot's FFN tensors and router row in every layer (name, dtype, shape, bytes)."""
     h = hashlib.sha256()
     for i in range(num_layers):
-        for name in ("experts.gate_proj", "experts.up_proj", "experts.down_proj", "router.weight"):
-            key = f"layers.{i}.ffn.{name}"
+        for key in [experts_key(i, n) for n in EXPERT_WEIGHTS] + [router_weight_key(i)]:
             if key not in sd:
                 raise CheckpointError(f"tensor {key} missing: not a merged MoE state dict")
             t = sd[key][slot].detach().contiguous().cpu()
@@ -139,7 +139,7 @@ def load_for_use(model_dir: str | Path, *, use: str | None = None, opt_out: Iter
     """Load a model checked file by file and expert by expert, with the mask for this request.
 
     Returns (model, cfg, meta, mask); pass `mask` as `expert_mask` to every forward."""
-    from flexmoe.convert.safetensors_io import load_model_dir
+    from flexmoe.io.model_dir import load_model_dir
     from flexmoe.model import Transformer
 
     cfg, sd, meta = load_model_dir(model_dir, verify=True)

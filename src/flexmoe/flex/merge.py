@@ -1,7 +1,7 @@
 """Merge: the public model + any N expert packages -> one (N+1)-expert MoE.
 
 Inputs may also be Hugging Face directories: 2-expert FlexOlmo checkpoints as experts and a
-dense Olmo2 as the public model (see convert/hf_package.py). For a Hugging Face output, run
+dense Olmo2 as the public model (see flex/hf_inputs.py). For a Hugging Face output, run
 `flexmoe export-hf` on the merged directory.
 
 Everything is checked before anything is written: fingerprints, shapes, duplicate domains and
@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 from flexmoe.config.model import ROUTINGS
-from flexmoe.convert.hf_dir import hf_architecture
-from flexmoe.convert.hf_package import read_hf_anchor, read_hf_public
-from flexmoe.convert.safetensors_io import CheckpointError, load_model_dir, save_model_dir
+from flexmoe.io.hf_dir import hf_architecture
+from flexmoe.flex.hf_inputs import read_hf_anchor, read_hf_public
+from flexmoe.io.model_dir import CheckpointError, load_model_dir, save_model_dir
 from flexmoe.flex.consent import PUBLIC_CONSENT, add_tensor_hashes
-from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.io.fingerprint import fingerprint
 from flexmoe.flex.package import read_package
+from flexmoe.io.keys import (EXPERT_WEIGHTS, dense_ffn_key, experts_key, is_shared_key, package_bias_key, package_layer_of,
+                             package_router_key, package_weight_key, router_bias_key, router_weight_key)
 
 
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
@@ -80,18 +82,18 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     use_bias = any(m.get("router_bias") for _, m, _ in loaded)
     public_file, shipped = _public_router_file(public_dir, meta)
     public_rows = _public_rows(public_dir, shipped, cfg)
-    out: dict[str, torch.Tensor] = {k_: v for k_, v in sd.items() if ".ffn." not in k_}
+    out: dict[str, torch.Tensor] = {k_: v for k_, v in sd.items() if is_shared_key(k_)}
     for i in range(cfg.num_layers):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[f"layers.{i}.ffn.experts.{name}"] = torch.stack(
-                [sd[f"layers.{i}.ffn.{name}.weight"]] + [t[f"layers.{i}.{name}"] for _, _, t in loaded])
-        out[f"layers.{i}.ffn.router.weight"] = torch.stack(
-            [public_rows[i]] + [t[f"layers.{i}.router"].float() for _, _, t in loaded])
+        for name in EXPERT_WEIGHTS:
+            out[experts_key(i, name)] = torch.stack(
+                [sd[dense_ffn_key(i, name)]] + [t[package_weight_key(i, name)] for _, _, t in loaded])
+        out[router_weight_key(i)] = torch.stack(
+            [public_rows[i]] + [t[package_router_key(i)].float() for _, _, t in loaded])
         if use_bias:
-            out[f"layers.{i}.ffn.router.bias"] = torch.cat(
-                [torch.zeros(1)] + [t.get(f"layers.{i}.bias", torch.zeros(1)).float() for _, _, t in loaded])
+            out[router_bias_key(i)] = torch.cat(
+                [torch.zeros(1)] + [t.get(package_bias_key(i), torch.zeros(1)).float() for _, _, t in loaded])
     for i in range(cfg.num_layers):
-        key = f"layers.{i}.ffn.router.weight"
+        key = router_weight_key(i)
         out[key] = ROW_TRANSFORMS[router_rows](out[key])
     divergence = _shared_divergence(sd, loaded)
     if shared == "average":
@@ -130,20 +132,20 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
 
 def _check_shapes(pkg: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
     want = {"gate_proj": (cfg.d_ff, cfg.d_model), "up_proj": (cfg.d_ff, cfg.d_model),
-            "down_proj": (cfg.d_model, cfg.d_ff), "router": (cfg.d_model,)}
+            "down_proj": (cfg.d_model, cfg.d_ff)}
     for i in range(cfg.num_layers):
-        for name, shape in want.items():
-            t = tensors.get(f"layers.{i}.{name}")
+        for key, shape in [(package_weight_key(i, n), s) for n, s in want.items()] + [(package_router_key(i), (cfg.d_model,))]:
+            t = tensors.get(key)
             if t is None:
-                raise CheckpointError(f"{pkg / 'expert.safetensors'}: missing tensor layers.{i}.{name}")
+                raise CheckpointError(f"{pkg / 'expert.safetensors'}: missing tensor {key}")
             if tuple(t.shape) != shape:
-                raise CheckpointError(f"{pkg / 'expert.safetensors'}: layers.{i}.{name} has shape {tuple(t.shape)}, "
+                raise CheckpointError(f"{pkg / 'expert.safetensors'}: {key} has shape {tuple(t.shape)}, "
                                       f"the public model needs {shape}")
     emb = tensors.get("domain_embedding")
     if emb is not None and tuple(emb.shape) != (cfg.d_model,):
         raise CheckpointError(f"{pkg / 'expert.safetensors'}: domain_embedding has shape {tuple(emb.shape)}, "
                               f"the public model needs ({cfg.d_model},)")
-    extra = [k for k in tensors if k.startswith("layers.") and int(k.split(".")[1]) >= cfg.num_layers]
+    extra = [k for k in tensors if (package_layer_of(k) or 0) >= cfg.num_layers]
     if extra:
         raise CheckpointError(f"{pkg / 'expert.safetensors'}: has tensors for layers the public model lacks ({extra[0]})")
 

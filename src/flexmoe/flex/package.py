@@ -11,9 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from flexmoe.config.model import NATIVE_BUFFERS
-from flexmoe.convert.safetensors_io import CheckpointError, atomic_dir, load_model_dir, sha256_file, write_json
+from flexmoe.io.model_dir import CheckpointError, atomic_dir, load_model_dir, write_json
+from flexmoe.io.files import sha256_file
 from flexmoe.flex.consent import make_consent
-from flexmoe.flex.fingerprint import fingerprint
+from flexmoe.io.fingerprint import fingerprint
+from flexmoe.io.keys import (EXPERT_WEIGHTS, experts_key, is_shared_key, package_bias_key, package_router_key, package_weight_key,
+                             router_bias_key, router_weight_key)
 
 FORMAT = "flexmoe-expert-package/1"
 SHARED_TRAINING_STAGES = ("sft", "rl_unfrozen")
@@ -52,15 +55,15 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
     tensors: dict[str, torch.Tensor] = {}
     if include_shared:
         for k, v in sd.items():
-            if ".ffn." not in k and k not in NATIVE_BUFFERS:
+            if is_shared_key(k) and k not in NATIVE_BUFFERS:
                 tensors[f"shared.{k}"] = v.contiguous()
     for i in range(cfg.num_layers):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            tensors[f"layers.{i}.{name}"] = sd[f"layers.{i}.ffn.experts.{name}"][1].contiguous()
-        tensors[f"layers.{i}.router"] = sd[f"layers.{i}.ffn.router.weight"][1].contiguous()
-        bias = sd.get(f"layers.{i}.ffn.router.bias")
+        for name in EXPERT_WEIGHTS:
+            tensors[package_weight_key(i, name)] = sd[experts_key(i, name)][1].contiguous()
+        tensors[package_router_key(i)] = sd[router_weight_key(i)][1].contiguous()
+        bias = sd.get(router_bias_key(i))
         if bias is not None:
-            tensors[f"layers.{i}.bias"] = bias[1:2].clamp(max=0).contiguous()
+            tensors[package_bias_key(i)] = bias[1:2].clamp(max=0).contiguous()
     if "domain_centroids" in sd:  # the owner's layer-0 embedding, for document routing
         tensors["domain_embedding"] = sd["domain_centroids"][1].float().contiguous()
     if "domain_ngrams" in sd:  # the owner's n-gram profile, for routing=anchor_ngram
@@ -86,7 +89,7 @@ def read_package(pkg_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from flexmoe.convert.safetensors_io import read_json
+    from flexmoe.io.model_dir import read_json
 
     pkg_dir = Path(pkg_dir)
     manifest = read_json(pkg_dir / MANIFEST)

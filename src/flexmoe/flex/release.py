@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flexmoe.convert.native import open_native, write_native
-from flexmoe.convert.progress import Progress
-from flexmoe.convert.safetensors_io import WEIGHTS, CheckpointError, atomic_dir
-from flexmoe.convert.stream import FilePool, LazyTensor, read_header, stack
+from flexmoe.io.native import open_native, write_native
+from flexmoe.io.progress import Progress
+from flexmoe.io.model_dir import WEIGHTS, CheckpointError, atomic_dir
+from flexmoe.io.stream import FilePool, LazyTensor, read_header, stack
+from flexmoe.io.keys import is_per_expert_key
 
 # Tensors with one slice per expert along dim 0.
-_PER_EXPERT = re.compile(
-    r"^(layers\.\d+\.ffn\.(experts\.(gate_proj|up_proj|down_proj)|router\.weight|router\.bias)|domain_centroids|domain_ngrams)$")
 
 
 def remove_expert(src: str | Path, dst: str | Path, name: str, *, overwrite: bool = False) -> Path:
@@ -39,8 +37,8 @@ def remove_expert(src: str | Path, dst: str | Path, name: str, *, overwrite: boo
                               f"num_experts={cfg.num_experts}; remove-expert needs a merged model")
     slot = _find_slot(src, experts, name)
     keep = [j for j in range(cfg.num_experts) if j != slot]
-    out = {k: stack([t[j] for j in keep]) if _PER_EXPERT.match(k) else t for k, t in tensors.items()}
-    removed_slices = {f"{k}[{slot}]": t[slot] for k, t in tensors.items() if _PER_EXPERT.match(k)}
+    out = {k: stack([t[j] for j in keep]) if is_per_expert_key(k) else t for k, t in tensors.items()}
+    removed_slices = {f"{k}[{slot}]": t[slot] for k, t in tensors.items() if is_per_expert_key(k)}
     new_cfg = cfg.replace(num_experts=len(keep), top_k=min(cfg.top_k, len(keep)))
     removed = dict(experts[slot], removed=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     new_meta = dict(meta, experts=[dict(experts[j], slot=i) for i, j in enumerate(keep)],

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexmoe.convert.safetensors_io import CheckpointError, load_model, read_json, sha256_file, write_json
-from flexmoe.model.docroute import DEFAULT_BUCKETS, ngram_profile
+from flexmoe.io.model_dir import CheckpointError, read_json, write_json
+from flexmoe.train.load import load_model
+from flexmoe.io.files import sha256_file
+from flexmoe.data.ngrams import DEFAULT_BUCKETS, ngram_profile
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from flexmoe.model.moe import EXPERT_WEIGHTS, FROZEN_SUFFIX, GroupedExperts
+from flexmoe.io.keys import EXPERT_WEIGHTS
+from flexmoe.model.moe import FROZEN_SUFFIX, GroupedExperts
 
 
 class _AllToAll(torch.autograd.Function):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-ROW_MASK = "_flexmoe_row_mask"  # set by flex.freeze on router weights whose leading rows are frozen
+ROW_MASK = "_flexmoe_row_mask"  # set by train.freeze on router weights whose leading rows are frozen
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
 def mask_frozen_rows(model: nn.Module) -> None:
     """Zero the gradient of frozen router rows.
 
-    flex.freeze registers a gradient hook for this, but FSDP2 replaces parameters with sharded
+    train.freeze registers a gradient hook for this, but FSDP2 replaces parameters with sharded
     ones and computes with yet others, so under FSDP the hook never fires: this does its work on
     the reduced (sharded) gradient, before clipping, which gives the single-process numbers.
     """

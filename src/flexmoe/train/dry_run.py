@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.flex.freeze import PLANS, apply_freeze_plan
+from flexmoe.train.freeze import PLANS, apply_freeze_plan
 from flexmoe.model import Transformer
 from flexmoe.model.flops import flops_per_token, param_counts
 

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
-from flexmoe.convert.safetensors_io import CheckpointError, sha256_file
+from flexmoe.io.model_dir import CheckpointError
+from flexmoe.io.files import sha256_file
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -276,8 +277,8 @@ def _cast_into(t: LazyTensor, dst: torch.dtype, pool: FilePool, out) -> Iterator
 
 
 def stream_fingerprint(tensors: dict[str, LazyTensor], pool: FilePool) -> str:
-    """`flexmoe.flex.fingerprint.fingerprint` of a native state dict, computed without loading it."""
-    from flexmoe.flex.fingerprint import anchor_view
+    """`flexmoe.io.fingerprint.fingerprint` of a native state dict, computed without loading it."""
+    from flexmoe.io.fingerprint import anchor_view
 
     h = hashlib.sha256()
     for k, v in sorted(anchor_view(tensors).items()):

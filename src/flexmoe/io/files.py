@@ -11,9 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from flexmoe.data.errors import DataError
 
 _CHUNK = 1 << 20
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written as asked; the message names it and the fix."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -54,7 +57,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False,
-                      error: type[ValueError] = DataError) -> Iterator[Path]:
+                      error: type[ValueError] = OutputError) -> Iterator[Path]:
     """Yield a temp dir beside `out_dir`; it replaces `out_dir` only if the block completes."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:

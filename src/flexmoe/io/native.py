@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.convert.hf import NATIVE_ONLY, native_shapes
-from flexmoe.convert.hf_dir import hf_architecture
-from flexmoe.convert.safetensors_io import CONFIG, META, WEIGHTS, CheckpointError, read_json, sha256_file, verify_files, write_json
-from flexmoe.convert.stream import FilePool, LazyTensor, read_header, write_file
+from flexmoe.io.keys import NATIVE_ONLY, native_shapes
+from flexmoe.io.hf_dir import hf_architecture
+from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, CheckpointError, read_json, verify_files, write_json
+from flexmoe.io.files import sha256_file
+from flexmoe.io.stream import FilePool, LazyTensor, read_header, write_file
 
 
 def open_native(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict[str, LazyTensor], dict[str, Any]]:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.convert.hf import NATIVE_ONLY, native_shapes
-from flexmoe.convert.safetensors_io import META, CheckpointError, read_json
-from flexmoe.convert.stream import FilePool, LazyTensor, read_header, write_file
+from flexmoe.io.keys import NATIVE_ONLY, native_shapes
+from flexmoe.io.model_dir import META, CheckpointError, read_json
+from flexmoe.io.stream import FilePool, LazyTensor, read_header, write_file
 
 EXTRA_DIR = "flexmoe"
 NATIVE_ONLY_FILE = f"{EXTRA_DIR}/native_only.safetensors"

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from flexmoe.data.files import atomic_output_dir, sha256_file  # noqa: F401  (re-exported)
+from flexmoe.io.files import atomic_output_dir, sha256_file  # noqa: F401  (re-exported)
 
 from flexmoe.config.model import ModelConfig
 
@@ -87,18 +87,3 @@ def load_model_dir(src: str | Path, verify: bool = True) -> tuple[ModelConfig, d
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{src / WEIGHTS}: cannot read safetensors ({e})") from e
     return cfg, sd, meta
-
-
-def load_model(src: str | Path, verify: bool = True, **cfg_overrides: Any):
-    """Build a `Transformer` from a native model directory; returns (model, cfg, meta)."""
-    from flexmoe.model import Transformer
-
-    cfg, sd, meta = load_model_dir(src, verify=verify)
-    if cfg_overrides:
-        cfg = cfg.replace(**cfg_overrides)
-    model = Transformer(cfg)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"{Path(src) / WEIGHTS}: tensors do not fit {Path(src) / CONFIG} ({str(e).splitlines()[0]})") from e
-    return model, cfg, meta

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.convert.extras import read_extras
-from flexmoe.convert.hf_dir import HF_CONFIG, INDEX, SINGLE, listed_expert_names, open_hf_dir
-from flexmoe.convert.safetensors_io import CheckpointError
-from flexmoe.convert.stream import FilePool, LazyTensor, stream_fingerprint
+from flexmoe.io.extras import read_extras
+from flexmoe.io.hf_dir import HF_CONFIG, INDEX, SINGLE, listed_expert_names, open_hf_dir
+from flexmoe.io.model_dir import CheckpointError
+from flexmoe.io.stream import FilePool, LazyTensor, stream_fingerprint
+from flexmoe.io.keys import EXPERT_WEIGHTS, experts_key, package_router_key, package_weight_key, router_weight_key
 
 FORMAT = "hf-flexolmo-anchor"
 
@@ -47,13 +48,13 @@ def read_hf_anchor(hf_dir: str | Path, public_fingerprint: str,
                                   f"{fp[:12]}... vs {public_fingerprint[:12]}...); it was not branched from this public model")
         tensors: dict[str, torch.Tensor] = {}
         for i in range(cfg.num_layers):
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                tensors[f"layers.{i}.{name}"] = pool.read(native[f"layers.{i}.ffn.experts.{name}"][1])
-            tensors[f"layers.{i}.router"] = pool.read(native[f"layers.{i}.ffn.router.weight"][1])
+            for name in EXPERT_WEIGHTS:
+                tensors[package_weight_key(i, name)] = pool.read(native[experts_key(i, name)][1])
+            tensors[package_router_key(i)] = pool.read(native[router_weight_key(i)][1])
         if "domain_centroids" in native:  # carried by our export-hf
             tensors["domain_embedding"] = pool.read(native["domain_centroids"][1]).float()
         else:  # another stack's checkpoint: branch takes the centroids from the layer-0 router rows, so do the same
-            tensors["domain_embedding"] = tensors["layers.0.router"].float()
+            tensors["domain_embedding"] = tensors[package_router_key(0)].float()
         if "domain_ngrams" in native:  # the owner's n-gram profile, carried by our export-hf
             tensors["domain_ngram"] = pool.read(native["domain_ngrams"][1]).float()
     named = listed_expert_names(hf_dir, 2)
@@ -71,7 +72,7 @@ def read_hf_anchor(hf_dir: str | Path, public_fingerprint: str,
 
 def read_hf_public(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """A dense Olmo2 directory as merge's public model: (cfg, native state dict, meta with its fingerprint)."""
-    from flexmoe.flex.fingerprint import fingerprint
+    from flexmoe.io.fingerprint import fingerprint
 
     ck = open_hf_dir(hf_dir)
     if ck.cfg.is_moe:
@@ -88,7 +89,7 @@ def read_hf_public(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
 
 def _first_difference(native: dict[str, LazyTensor], public_sd: dict[str, torch.Tensor], pool: FilePool) -> Path | None:
     """The file holding the first anchor tensor that differs from the public model's."""
-    from flexmoe.flex.fingerprint import anchor_view
+    from flexmoe.io.fingerprint import anchor_view
 
     for k, t in sorted(anchor_view(native).items()):
         ref = public_sd.get(k)

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from flexmoe.io.keys import ATTENTION_GLOBS, EMBEDDING_GLOBS, EXPERTS_GLOB, NORM_GLOBS
 from flexmoe.model.moe import MoE
+from flexmoe.parallel.grad import ROW_MASK
 
 
 @dataclass
@@ -23,9 +25,7 @@ class FreezePlan:
     train_router: bool = True
 
 
-EMBEDDINGS = ["embed.*", "lm_head.*"]
-NORMS = ["norm.*", "layers.*.attn_norm.*", "layers.*.ffn_norm.*"]
-ATTENTION = ["layers.*.attn.*"]
+EMBEDDINGS, NORMS, ATTENTION = list(EMBEDDING_GLOBS), list(NORM_GLOBS), list(ATTENTION_GLOBS)
 SHARED = EMBEDDINGS + NORMS + ATTENTION
 
 PLANS = {
@@ -33,7 +33,7 @@ PLANS = {
     # FlexOlmo: everything shared and the anchor expert frozen; the owner's expert + router row train.
     "expert_anchor": FreezePlan("expert_anchor", list(SHARED), frozen_experts=1, frozen_router_rows=1),
     # Router tuning: only router rows (and biases) train.
-    "router_tune": FreezePlan("router_tune", list(SHARED) + ["layers.*.ffn.experts.*"]),
+    "router_tune": FreezePlan("router_tune", list(SHARED) + [EXPERTS_GLOB]),
     # BAR's progressive unfreezing. The anchor expert and the public router row stay frozen in
     # every stage: they are what keeps independently trained experts compatible.
     "midtrain": FreezePlan("midtrain", list(SHARED), frozen_experts=1, frozen_router_rows=1),
@@ -64,12 +64,12 @@ def apply_freeze_plan(model: nn.Module, plan: FreezePlan) -> dict[str, int]:
 
 def _mask_rows(p: torch.Tensor, n: int) -> None:
     """Zero the gradient of the first n rows, so Adam never moves them (exp_avg stays 0)."""
-    if getattr(p, "_flexmoe_row_mask", None) == n:
+    if getattr(p, ROW_MASK, None) == n:
         return
     keep = torch.ones(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype)
     keep[:n] = 0
     p.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype))
-    p._flexmoe_row_mask = n  # type: ignore[attr-defined]
+    setattr(p, ROW_MASK, n)
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:
@@ -79,7 +79,7 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
             continue
         g = ("experts" if ".experts." in name else "router" if ".router." in name else
              "attention" if ".attn." in name else "embeddings" if name.startswith(("embed", "lm_head")) else "norms")
-        rows = getattr(p, "_flexmoe_row_mask", 0)
+        rows = getattr(p, ROW_MASK, 0)
         groups[g] = groups.get(g, 0) + p.numel() - rows * (p.numel() // max(p.shape[0], 1))
     groups["total"] = sum(groups.values())
     return groups

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexmoe.quickstart import QuickstartConfig, _run, _say, train_public_model
+from flexmoe.io.keys import is_router_key
+from flexmoe.recipes.common import parse_overrides, run_step, say, train_public_model
 
 DOMAINS = ("math", "code")
 # variant -> (stage config, freeze plan); the frozen variant's public_mix is zeroed below so both
@@ -64,8 +65,7 @@ class BarConfig:
     @classmethod
     def from_overrides(cls, argv: list[str]) -> "BarConfig":
         """Parse `key=value` overrides (the same style as `flexmoe quickstart`)."""
-        # Same parser as the FlexOlmo quickstart, over this class's fields.
-        cfg = QuickstartConfig.from_overrides.__func__(cls, argv)  # type: ignore[attr-defined]
+        cfg = parse_overrides(cls, argv, "quickstart recipe=bar")
         unknown = sorted(set(cfg.domains) - set(DOMAINS))
         if unknown or not cfg.domains:
             raise ValueError(f"quickstart recipe=bar: domains={','.join(cfg.domains)}; choose from {', '.join(DOMAINS)}")
@@ -117,7 +117,7 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
     tok = ByteTokenizer()
 
     # 1. Chat data (SFT format), and the same chats as plain text for the router embeddings.
-    _say("building chat corpora (arithmetic Q&A, stdlib docstring -> function)", t0)
+    say("building chat corpora (arithmetic Q&A, stdlib docstring -> function)", t0)
     chats = build_chat_corpora(out / "chats", n_math=cfg.n_math, n_code=cfg.n_code, seed=cfg.seed)
     sft_data: dict[str, dict[str, Path]] = {}
     text_data: dict[str, Path] = {}
@@ -149,7 +149,7 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
             for split, p in public_data.items():
                 if not (p / "manifest.json").exists():
                     prepare_data(corpora["public"][split], p, tok, domain="public", progress=False, overwrite=True)
-        _say(f"public model ({cfg.public_steps} steps on built-in public text, reused if present)", t0)
+        say(f"public model ({cfg.public_steps} steps on built-in public text, reused if present)", t0)
         public = train_public_model(out, public_data, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                     steps=cfg.public_steps, lr=cfg.public_lr, seed=cfg.seed, threads=cores,
                                     log=logs / "public.log")
@@ -171,7 +171,7 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
         d, variant = job
         run = out / "owners" / d / variant
         if not (run / "final" / "flexmoe.json").exists():
-            _run(flexmoe + ["train", f"out_dir={run}", f"stage={VARIANTS[variant]}", f"init_from={anchors[d]}",
+            run_step(flexmoe + ["train", f"out_dir={run}", f"stage={VARIANTS[variant]}", f"init_from={anchors[d]}",
                             "data.format=sft", f"+data.train.{d}={sft_data[d]['train']}",
                             f"+data.val.{d}={sft_data[d]['val']}", "stage.public_mix=0",
                             f"data.seq_len={cfg.seq_len}", f"data.batch_size={cfg.batch_size}",
@@ -183,7 +183,7 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
         return run / "final"
 
     jobs_list = [(d, v) for d in cfg.domains for v in VARIANTS]
-    _say(f"training {len(jobs_list)} SFT experts ({cfg.sft_steps} steps each; {jobs} at a time): "
+    say(f"training {len(jobs_list)} SFT experts ({cfg.sft_steps} steps each; {jobs} at a time): "
          + ", ".join(f"{d}/{v}" for d, v in jobs_list), t0)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         trained = dict(zip(jobs_list, pool.map(sft_run, jobs_list)))
@@ -206,7 +206,7 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
         if not (m / "flexmoe.json").exists():
             merge(public, pkgs[variant], m, top_k=cfg.top_k, shared=shared, overwrite=True)
         merged_dirs[name] = m
-    _say("merged (sft experts with shared=average and shared=public; frozen experts)", t0)
+    say("merged (sft experts with shared=average and shared=public; frozen experts)", t0)
 
     # 5. Router tuning of the shared=average merge on a sample of each owner's chats.
     tuned = None
@@ -221,9 +221,9 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
             proxy_args.append(f"+data.train.{d}={p}")
         run = out / "router_tune"
         if not (run / "final" / "flexmoe.json").exists():
-            _say(f"router tuning ({cfg.router_tune_steps} steps on {cfg.router_tune_fraction:.0%} of each "
+            say(f"router tuning ({cfg.router_tune_steps} steps on {cfg.router_tune_fraction:.0%} of each "
                  "owner's chats)", t0)
-            _run(flexmoe + ["train", f"out_dir={run}", "stage=router_tune",
+            run_step(flexmoe + ["train", f"out_dir={run}", "stage=router_tune",
                             f"init_from={merged_dirs['merged/sft+shared=average']}", "data.format=sft", *proxy_args,
                             f"data.seq_len={cfg.seq_len}", f"data.batch_size={cfg.batch_size}",
                             f"trainer.steps={cfg.router_tune_steps}", f"optim.lr={cfg.router_tune_lr}",
@@ -233,7 +233,7 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
         tuned = run / "final"
 
     # 6. Masked SFT validation loss of every model on every domain; the report.
-    _say("evaluating (masked SFT validation loss)", t0)
+    say("evaluating (masked SFT validation loss)", t0)
     models = {"public": public}
     for d in cfg.domains:
         for v in VARIANTS:
@@ -258,7 +258,7 @@ def run_bar_quickstart(cfg: BarConfig) -> dict[str, Any]:
         report["router_tune_mean_val_loss"] = means
         report["router_tune_moved_only_routers"] = only_routers_moved(merged_dirs["merged/sft+shared=average"], tuned)
     write_bar_report(out, report)
-    _say(f"done: {out / 'bar_report.md'}", t0)
+    say(f"done: {out / 'bar_report.md'}", t0)
     return report
 
 
@@ -266,7 +266,7 @@ def evaluate_models(models: dict[str, Path], val_dirs: dict[str, Path], seq_len:
                     batch_size: int) -> dict[str, dict[str, float]]:
     """{model: {domain: masked SFT validation loss}} over the first `num_windows` windows of each
     domain (the same windows for every model)."""
-    from flexmoe.convert.safetensors_io import load_model
+    from flexmoe.train.load import load_model
     from flexmoe.data.sft import SFTWindows
     from flexmoe.train.trainer import evaluate_loss
 
@@ -283,16 +283,16 @@ def only_routers_moved(before_dir: Path, after_dir: Path) -> bool:
     """True when every tensor but the router rows (and biases) is bit-identical between two models."""
     import torch
 
-    from flexmoe.convert.safetensors_io import load_model_dir
+    from flexmoe.io.model_dir import load_model_dir
 
     _, a, _ = load_model_dir(before_dir)
     _, b, _ = load_model_dir(after_dir)
-    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a if ".ffn.router." not in k)
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a if not is_router_key(k))
 
 
 def write_bar_report(out: Path, report: dict[str, Any]) -> None:
     """bar_report.json (everything) and bar_report.md (the loss table and the check), atomically."""
-    from flexmoe.data.files import atomic_write_json, atomic_write_text
+    from flexmoe.io.files import atomic_write_json, atomic_write_text
 
     domains = report["domains"]
     lines = ["# BAR quickstart: masked SFT validation loss (assistant tokens only; lower is better)", "",

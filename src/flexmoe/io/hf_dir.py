@@ -8,22 +8,20 @@ no shard is truncated, and that every tensor the config implies is present with 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.convert.hf import config_from_hf, hf_shapes, key_pairs
-from flexmoe.convert.safetensors_io import CheckpointError, read_json
-from flexmoe.convert.stream import LazyTensor, read_header, stack
+from flexmoe.io.keys import HF_FUSED_KEY as _FUSED, hf_shapes, key_pairs
+from flexmoe.io.model_dir import CheckpointError, read_json
+from flexmoe.io.stream import LazyTensor, read_header, stack
 
 INDEX, SINGLE, HF_CONFIG = "model.safetensors.index.json", "model.safetensors", "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
-_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 @dataclass
@@ -206,3 +204,30 @@ def listed_expert_names(path: Path, num_experts: int) -> list[dict[str, Any]] | 
                 return [{"slot": 0, "owner": "public", "domain": "public"},
                         {"slot": 1, "owner": owner, "domain": fields.get("domain") or owner}]
     return None
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """`config.json` of an Olmo2 or FlexOlmo checkpoint -> ModelConfig; other architectures refused."""
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in ("Olmo2ForCausalLM", "FlexOlmoForCausalLM"):
+        raise ValueError(f"{source}: architecture {arch!r} is not supported (Olmo2ForCausalLM, FlexOlmoForCausalLM)")
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 500000.0))
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise ValueError(f"{source}: only default RoPE is supported, got {rope or hf.get('rope_scaling')}")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    moe = arch == "FlexOlmoForCausalLM"
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim if head_dim and head_dim != hf["hidden_size"] // heads else None,
+        d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        init_std=hf.get("initializer_range", 0.02),
+        num_experts=hf.get("num_experts", 0) if moe else 0,
+        top_k=hf.get("num_experts_per_tok", 2) if moe else 2,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        pad_token_id=hf.get("pad_token_id"),
+        eos_token_id=hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else None,
+    )

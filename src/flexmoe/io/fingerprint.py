@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import re
 
 import torch
 
 from flexmoe.config.model import NATIVE_BUFFERS
-
-_EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(gate_proj|up_proj|down_proj)$")
-_DENSE = re.compile(r"^layers\.(\d+)\.ffn\.(gate_proj|up_proj|down_proj)\.weight$")
+from flexmoe.io.keys import dense_ffn_key, is_router_key, parse_experts_key
 
 
 def anchor_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -20,11 +17,11 @@ def anchor_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out = {}
     for k, v in sd.items():
-        if ".ffn.router." in k or k in NATIVE_BUFFERS:  # routing state, per expert
+        if is_router_key(k) or k in NATIVE_BUFFERS:  # routing state, per expert
             continue
-        m = _EXPERT.match(k)
-        if m:
-            out[f"layers.{m.group(1)}.ffn.{m.group(2)}.weight"] = v[0]
+        parsed = parse_experts_key(k)
+        if parsed:
+            out[dense_ffn_key(*parsed)] = v[0]
         else:
             out[k] = v
     return out
@@ -38,8 +35,3 @@ def fingerprint(sd: dict[str, torch.Tensor]) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def is_shared_key(key: str) -> bool:
-    """True for tensors outside the FFN experts and routers (attention, norms, embeddings, head)."""
-    return ".ffn." not in key

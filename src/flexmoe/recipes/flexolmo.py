@@ -3,15 +3,13 @@
 public model -> (per owner, in its own process, seeing only its own domain + public text)
 router embedding -> branch -> expert training -> package -> merge -> evaluation -> report.
 
-`recipe=bar` runs the post-training (BAR) version instead: see flexmoe.bar_quickstart.
+`recipe=bar` runs the post-training (BAR) version instead: see flexmoe.recipes.bar.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexmoe.recipes.common import parse_overrides, run_step, say, train_public_model
+
 
 @dataclass
 class QuickstartConfig:
-    recipe: str = "flexolmo"  # flexolmo: this module; bar: post-training (flexmoe.bar_quickstart)
+    recipe: str = "flexolmo"  # flexolmo: this module; bar: post-training (flexmoe.recipes.bar)
     out_dir: str = "quickstart-out"
     domains: list[str] = field(default_factory=lambda: ["code", "legal", "math"])
     max_bytes_per_domain: int = 1_200_000
@@ -44,76 +44,8 @@ class QuickstartConfig:
     @classmethod
     def from_overrides(cls, argv: list[str]) -> "QuickstartConfig":
         """Parse `key=value` overrides (the same style as `flexmoe train`)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kw: dict[str, Any] = {}
-        for item in argv:
-            key, sep, value = item.partition("=")
-            if not sep or key not in fields:
-                raise ValueError(f"quickstart: unknown setting {item!r}; known: {', '.join(fields)}")
-            default = getattr(cls(), key)
-            try:
-                kw[key] = ([v for v in value.split(",") if v] if isinstance(default, list)
-                           else type(default)(value) if not isinstance(default, bool) else value.lower() == "true")
-            except ValueError as e:
-                raise ValueError(f"quickstart: {key}={value!r} is not a valid {type(default).__name__}") from e
-        return cls(**kw)
+        return parse_overrides(cls, argv)
 
-
-RECIPES = ("flexolmo", "bar")
-
-
-def quickstart_main(argv: list[str]) -> dict[str, Any]:
-    """`flexmoe quickstart [recipe=flexolmo|bar] key=value ...`: parse the recipe's settings and run it."""
-    recipe = "flexolmo"
-    for item in argv:
-        key, _, value = item.partition("=")
-        if key == "recipe":
-            recipe = value
-    if recipe not in RECIPES:
-        raise ValueError(f"quickstart: recipe={recipe!r} is not one of {', '.join(RECIPES)}")
-    if recipe == "bar":
-        from flexmoe.bar_quickstart import BarConfig, run_bar_quickstart
-
-        return run_bar_quickstart(BarConfig.from_overrides(argv))
-    return run_quickstart(QuickstartConfig.from_overrides(argv))
-
-
-def _run(cmd: list[str], log: Path, threads: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if r.returncode != 0:
-        tail = log.read_text().splitlines()[-5:]
-        raise RuntimeError(f"step failed ({' '.join(cmd[:3])} ...); see {log}:\n" + "\n".join(tail))
-
-
-def _say(msg: str, t0: float) -> None:
-    print(f"[quickstart {time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def train_public_model(out: Path, public_data: dict[str, Path], *, seq_len: int, batch_size: int, steps: int,
-                       lr: float, seed: int, threads: int, log: Path) -> Path:
-    """The public model in `out/public/final`, pretrained on public text only (reused when it
-    exists), with its public router row attached; returns its directory."""
-    flexmoe = [sys.executable, "-m", "flexmoe.cli"]
-    public_run = out / "public"
-    common = [f"data.seq_len={seq_len}", f"data.batch_size={batch_size}", "tokenizer=bytes",
-              f"trainer.seed={seed}", "trainer.log_every=50"]
-    if not (public_run / "final" / "flexmoe.json").exists():
-        _run(flexmoe + ["train", f"out_dir={public_run}", "stage=public_pretrain",
-                        f"+data.train.public={public_data['train']}",
-                        f"+data.val.public={public_data['val']}",
-                        f"trainer.steps={steps}", f"optim.lr={lr}",
-                        f"optim.warmup_steps={max(steps // 20, 1)}", f"trainer.threads={threads}", *common],
-             log, threads)
-    public = public_run / "final"
-    meta = json.loads((public / "flexmoe.json").read_text())
-    if not (meta.get("router_embedding") or {}).get("router_public"):
-        _run(flexmoe + ["router-embed", "--model", str(public), "--data", str(public_data["train"]),
-                        "--public", "--seq-len", str(seq_len)], log, threads)
-    return public
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
@@ -138,7 +70,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     threads_each = max(1, cores // jobs)
 
     # 1. Corpora and token shards (bytes as tokens: no tokenizer to train or download).
-    _say("building corpora from this machine's own text (stdlib, licences, pydoc topics, arithmetic)", t0)
+    say("building corpora from this machine's own text (stdlib, licences, pydoc topics, arithmetic)", t0)
     corpora = build_builtin_corpora(out / "corpora", max_bytes_per_domain=cfg.max_bytes_per_domain, seed=cfg.seed)
     tok = ByteTokenizer()
     data: dict[str, dict[str, Path]] = {}
@@ -150,23 +82,18 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             if not (d / "manifest.json").exists():
                 prepare_data(corpora[domain][split], d, tok, domain=domain, progress=False)
             data.setdefault(domain, {})[split] = d
-    _say("token shards ready: " + ", ".join(f"{d}" for d in data), t0)
+    say("token shards ready: " + ", ".join(f"{d}" for d in data), t0)
 
     # 2. The public model, pretrained on public text only.
     common = [f"data.seq_len={cfg.seq_len}", f"data.batch_size={cfg.batch_size}", "tokenizer=bytes",
               f"trainer.seed={cfg.seed}", "trainer.log_every=50"]
     if not (out / "public" / "final" / "flexmoe.json").exists():
-        _say(f"training the public model ({cfg.public_steps} steps)", t0)
+        say(f"training the public model ({cfg.public_steps} steps)", t0)
     public = train_public_model(out, data["public"], seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                 steps=cfg.public_steps, lr=cfg.public_lr, seed=cfg.seed, threads=cores,
                                 log=logs / "public.log")
 
-    # 3. Each owner, alone: router row from its own data, branch, train, package. Owners that run
-    # in a last, partial round share the cores among fewer processes.
-    full = len(cfg.domains) // jobs * jobs
-    left = len(cfg.domains) - full
-    threads_for = {d: threads_each if i < full else max(1, cores // left) for i, d in enumerate(cfg.domains)}
-
+    # 3. Each owner, alone: router row from its own data, branch, train, package.
     def owner(domain: str) -> Path:
         d = out / "owners" / domain
         d.mkdir(parents=True, exist_ok=True)
@@ -174,35 +101,35 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         pkg = d / "package"
         if (pkg / "manifest.json").exists():
             return pkg
-        _run(flexmoe + ["router-embed", "--model", str(public), "--data", str(data[domain]["train"]),
+        run_step(flexmoe + ["router-embed", "--model", str(public), "--data", str(data[domain]["train"]),
                         "--out", str(d / "router.safetensors"), "--seq-len", str(cfg.seq_len)], log, threads_each)
         if not (d / "anchor" / "flexmoe.json").exists():
-            _run(flexmoe + ["branch", str(public), str(d / "anchor"), "--router-embedding",
+            run_step(flexmoe + ["branch", str(public), str(d / "anchor"), "--router-embedding",
                             str(d / "router.safetensors")], log, threads_each)
-        _run(flexmoe + ["train", f"out_dir={d / 'train'}", "stage=expert_anchor", f"init_from={d / 'anchor'}",
+        run_step(flexmoe + ["train", f"out_dir={d / 'train'}", "stage=expert_anchor", f"init_from={d / 'anchor'}",
                         f"+data.train.{domain}={data[domain]['train']}",
                         f"+data.train.public={data['public']['train']}",
                         f"+data.val.{domain}={data[domain]['val']}", f"stage.public_mix={cfg.public_mix}",
                         f"trainer.steps={cfg.expert_steps}", f"optim.lr={cfg.expert_lr}",
                         f"optim.warmup_steps={max(cfg.expert_steps // 20, 1)}", f"trainer.threads={threads_each}",
                         f"meta.owner=owner-{domain}", f"meta.domain={domain}", *common], log, threads_each)
-        _run(flexmoe + ["package", str(d / "train" / "final"), str(pkg), "--owner", f"owner-{domain}",
+        run_step(flexmoe + ["package", str(d / "train" / "final"), str(pkg), "--owner", f"owner-{domain}",
                         "--domain", domain, "--licence", "research"], log, threads_each)
         return pkg
 
-    _say(f"training {len(cfg.domains)} experts, {jobs} owner process(es) at a time, each on its own data", t0)
+    say(f"training {len(cfg.domains)} experts, {jobs} owner process(es) at a time, each on its own data", t0)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         packages = dict(zip(cfg.domains, pool.map(owner, cfg.domains)))
 
     # 4. Merge every package.
     merged = out / "merged"
     if not (merged / "flexmoe.json").exists():
-        _run(flexmoe + ["merge", str(public), *map(str, packages.values()), "--out", str(merged),
+        run_step(flexmoe + ["merge", str(public), *map(str, packages.values()), "--out", str(merged),
                         "--top-k", str(cfg.top_k), "--routing", cfg.routing], logs / "merge.log", cores)
-    _say("merged; evaluating", t0)
+    say("merged; evaluating", t0)
 
     # 5. Evaluate and report.
-    from flexmoe.eval.report import evaluate_lifecycle, write_report
+    from flexmoe.recipes.report import evaluate_lifecycle, write_report
 
     results = evaluate_lifecycle(public, merged, {d: out / "owners" / d / "train" / "final" for d in cfg.domains},
                                  {d: data[d]["val"] for d in ["public", *cfg.domains]}, cfg.seq_len,
@@ -210,5 +137,5 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t0
     results["config"] = dataclasses.asdict(cfg)
     write_report(out, results, cfg.domains)
-    _say(f"done: {out / 'report.md'}", t0)
+    say(f"done: {out / 'report.md'}", t0)
     return results

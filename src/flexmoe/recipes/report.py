@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from flexmoe.config.model import ROUTINGS
-from flexmoe.convert.safetensors_io import load_model
+from flexmoe.train.load import load_model
 from flexmoe.eval.baselines import ensemble_logprobs, soup_model
-from flexmoe.eval.perplexity import model_logprobs, perplexity
+from flexmoe.train.perplexity import model_logprobs, perplexity
 from flexmoe.eval.routing import plot_heatmap, routing_shares
 from flexmoe.flex.attribution import attribution_windows
 from flexmoe.flex.optout import expert_mask

@@ -1,0 +1,50 @@
+"""Argument helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def name_eq_value(item: str, flag: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    """`NAME=VALUE` of a repeated flag, or a usage error naming the flag."""
+    if "=" not in item:
+        parser.error(f"{flag} {item!r}: expected NAME=PATH")
+    name, value = item.split("=", 1)
+    return name, value
+
+
+def add_consent_arguments(p: argparse.ArgumentParser) -> None:
+    """`--allowed-uses` and `--expires` for `flexmoe package` (pass them to make_package)."""
+    from flexmoe.flex.consent import USES
+
+    p.add_argument("--allowed-uses", type=lambda s: [u for u in s.split(",") if u], default=None,
+                   help=f"comma-separated uses the owner consents to ({', '.join(USES)}); none: no use= request "
+                        "activates this expert")
+    p.add_argument("--expires", help="last day of consent, YYYY-MM-DD (default: no expiry)")
+
+
+def add_selection_arguments(p: argparse.ArgumentParser) -> None:
+    """`--opt-out`, `--use` and `--date`: which experts of a merged model take part."""
+    p.add_argument("--opt-out", default="", help="comma-separated owners or domains to switch off")
+    p.add_argument("--use", help="activate only experts whose consent covers this use (research, commercial, ...)")
+    p.add_argument("--date", help="the date consent is checked for (default: today, UTC)")
+
+
+def load_selected(model_dir: str, a: argparse.Namespace):
+    """(model, cfg, meta, expert mask) for the experts the parsed selection arguments allow."""
+    from flexmoe.flex.consent import load_for_use
+
+    return load_for_use(model_dir, use=a.use, opt_out=[o for o in a.opt_out.split(",") if o], today=a.date)
+
+
+def model_tokenizer(model_dir: str, meta: dict, override: str | None):
+    """The tokenizer recorded in a model's flexmoe.json (or the override)."""
+    from flexmoe.data import load_tokenizer
+
+    spec = override or meta.get("tokenizer")
+    if spec is None:
+        raise ValueError(f"{Path(model_dir) / 'flexmoe.json'}: records no tokenizer; pass --tokenizer bytes|DIR")
+    if isinstance(spec, dict) and spec.get("type") == "hf" and not Path(spec["path"]).is_absolute():
+        spec = dict(spec, path=str(Path(model_dir) / spec["path"]))  # import-hf records it relative to the model
+    return load_tokenizer(spec)

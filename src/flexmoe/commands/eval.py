@@ -1,0 +1,58 @@
+"""`flexmoe eval`: perplexity per domain, optionally with experts opted out and the soup baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flexmoe.commands.common import name_eq_value
+
+
+def main(argv: list[str]) -> int:
+    """`flexmoe eval`: perplexity per domain, optionally with experts opted out and the soup baseline."""
+    from flexmoe.train.load import load_model
+    from flexmoe.data import TokenWindows
+    from flexmoe.eval.baselines import soup_model
+    from flexmoe.train.perplexity import model_logprobs, perplexity
+    from flexmoe.flex.optout import expert_mask
+
+    p = argparse.ArgumentParser(prog="flexmoe eval", description=main.__doc__)
+    p.add_argument("model")
+    p.add_argument("--data", action="append", required=True, metavar="DOMAIN=DIR")
+    p.add_argument("--opt-out", default="", help="comma-separated owners or domains to switch off")
+    p.add_argument("--soup", action="store_true", help="also evaluate the model soup of the experts")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--num-windows", type=int, default=64)
+    p.add_argument("--route-embedder", metavar="PATH",
+                   help="document routing by this local sentence-transformers model (anchor_* merges; "
+                        "needs --domain-embedding for every expert)")
+    p.add_argument("--domain-embedding", action="append", default=[], metavar="NAME=FILE",
+                   help="an expert's (or public's) router-embed --embedder output, for --route-embedder")
+    p.add_argument("--route-chunk", type=int, default=32, help="tokens per routing decision of --route-embedder")
+    a = p.parse_args(argv)
+    model, cfg, meta = load_model(a.model)
+    model.eval()
+    data = {}
+    for item in a.data:
+        d, path = name_eq_value(item, "--data", p)
+        data[d] = TokenWindows(path, a.seq_len)
+    router = None
+    if a.route_embedder:
+        from flexmoe.data import load_tokenizer
+        from flexmoe.flex.docembed import EmbedderRouter, load_embedder, read_domain_embeddings
+
+        if not cfg.is_moe or cfg.routing == "topk":
+            raise ValueError(f"--route-embedder needs a merge with an anchor_* routing; {a.model} routes "
+                             f"{'dense' if not cfg.is_moe else repr(cfg.routing)} (merge with --routing anchor_top1)")
+        files = dict(name_eq_value(x, "--domain-embedding", p) for x in a.domain_embedding)
+        embs = read_domain_embeddings(meta.get("experts") or [], files)
+        # the embedder reads text: decode with the tokenizer that made the eval data
+        tok = load_tokenizer(next(iter(data.values())).manifest["tokenizer"])
+        router = EmbedderRouter(load_embedder(a.route_embedder), embs, tok.decode, chunk=a.route_chunk)
+    mask = expert_mask(meta.get("experts") or [], a.opt_out.split(",")) if cfg.is_moe else None
+    rows = {"model": {d: perplexity(model_logprobs(model, mask, router), w, a.num_windows) for d, w in data.items()}}
+    if a.soup and cfg.is_moe:
+        s = soup_model(model)
+        rows["soup"] = {d: perplexity(model_logprobs(s), w, a.num_windows) for d, w in data.items()}
+    print(json.dumps({"perplexity": rows}, indent=1))
+    return 0

@@ -1,0 +1,19 @@
+"""`flexmoe remove-expert`: a release of a merged model without one owner's expert."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str]) -> int:
+    """`flexmoe remove-expert`: a release of a merged model without one owner's expert."""
+    from flexmoe.flex.release import remove_expert
+
+    p = argparse.ArgumentParser(prog="flexmoe remove-expert", description=main.__doc__)
+    p.add_argument("src", help="native merged model directory")
+    p.add_argument("dst", help="output directory (must not exist or be empty)")
+    p.add_argument("--expert", required=True, metavar="NAME", help="owner or domain of the expert to drop")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    a = p.parse_args(argv)
+    print(remove_expert(a.src, a.dst, a.expert, overwrite=a.overwrite))
+    return 0
