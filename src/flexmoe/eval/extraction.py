@@ -12,7 +12,6 @@ already, the owner's expert and the merged model what the package adds.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,9 @@ import numpy as np
 import torch
 
 from flexmoe.eval.generate import Sampling, generate
+from flexmoe.io.log import get_logger
+
+log = get_logger(__name__)
 
 
 def _default_strategies() -> list[Sampling]:
@@ -186,8 +188,8 @@ def audit_models(models: dict[str, tuple[Any, torch.Tensor | None]], docs: Seque
         rows[label] = audit_model(model, prompts, cfg, mask)
         rows[label]["seconds"] = time.perf_counter() - t0
         r = rows[label]["extracted"]
-        print(f"[flexmoe] audit {label}: extracted {r['count']}/{len(prompts.doc_ids)} ({r['rate']:.1%}) "
-              f"in {rows[label]['seconds']:.0f}s", file=sys.stderr, flush=True)
+        log.info(f"audit {label}: extracted {r['count']}/{len(prompts.doc_ids)} ({r['rate']:.1%}) "
+              f"in {rows[label]['seconds']:.0f}s")
     return {"config": {**asdict(cfg), "strategies": [s.label() for s in cfg.strategies]},
             "documents_total": prompts.num_documents, "documents_too_short": prompts.num_too_short,
             "documents_audited": len(prompts.doc_ids), "models": rows}

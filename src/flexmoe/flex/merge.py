@@ -10,7 +10,6 @@ every file's sha256. A refusal is one line naming the file at fault, and leaves 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,9 @@ from flexmoe.io.fingerprint import fingerprint
 from flexmoe.flex.package import read_package
 from flexmoe.io.keys import (EXPERT_WEIGHTS, dense_ffn_key, experts_key, is_shared_key, package_bias_key, package_layer_of,
                              package_router_key, package_weight_key, router_bias_key, router_weight_key)
+from flexmoe.io.log import get_logger
+
+log = get_logger(__name__)
 
 
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
@@ -101,16 +103,15 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
             copies = [t.get(f"shared.{k_}", sd[k_]).float() for _, _, t in loaded]
             out[k_] = torch.stack(copies).mean(0).to(sd[k_].dtype)
     elif divergence:
-        print("[flexmoe] packages carry trained shared tensors; keeping the public copies (shared=public)",
-              file=sys.stderr)
+        log.info("packages carry trained shared tensors; keeping the public copies (shared=public)")
     # Document routing's centroids: the public row and each owner's embedding at layer 0.
     out["domain_centroids"] = torch.stack(
         [public_rows[0]] + [t.get("domain_embedding", torch.zeros(cfg.d_model)).float() for _, _, t in loaded])
     profiles = _ngram_profiles(public_file, shipped, loaded, required=routing == "anchor_ngram")
     if routing == "auto":
         routing = "anchor_ngram" if profiles is not None else "topk"
-        print(f"[flexmoe] merge: routing={routing}" + ("" if profiles is not None else " (not every package carries an "
-              "n-gram profile for anchor_ngram)"), file=sys.stderr)
+        log.info(f"merge: routing={routing}" + ("" if profiles is not None else " (not every package carries an "
+              "n-gram profile for anchor_ngram)"))
     if profiles is not None:  # n-gram profiles of document routing: public data's, then each owner's
         out["domain_ngrams"] = profiles
     merged_cfg = cfg.replace(num_experts=num_experts, top_k=k, norm_topk_prob=norm_topk_prob, router_bias=use_bias,
@@ -126,7 +127,7 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts,
                 "shared": shared, "shared_divergence": divergence}
     path = save_model_dir(out_dir, merged_cfg, out, new_meta, overwrite=overwrite)
-    print(f"[flexmoe] merged {len(loaded)} packages into {path} ({num_experts} experts, top_k={k})", file=sys.stderr)
+    log.info(f"merged {len(loaded)} packages into {path} ({num_experts} experts, top_k={k})")
     return path
 
 
@@ -160,7 +161,7 @@ def _public_router_file(public_dir: Path, meta: dict[str, Any]) -> tuple[Path, d
 
 def _public_rows(public_dir: Path, shipped: dict[str, torch.Tensor], cfg) -> torch.Tensor:
     if "router_embedding" not in shipped:
-        print(f"[flexmoe] warning: {public_dir} ships no public router row; using zeros", file=sys.stderr)
+        log.warning(f"{public_dir} ships no public router row; using zeros")
         return torch.zeros(cfg.num_layers, cfg.d_model)
     return shipped["router_embedding"].float()
 

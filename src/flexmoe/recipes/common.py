@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flexmoe.io.log import get_logger
+
 T = TypeVar("T")
+log = get_logger(__name__)
 
 
 def parse_overrides(cls: type[T], argv: list[str], label: str = "quickstart") -> T:
@@ -46,7 +49,7 @@ def run_step(cmd: list[str], log: Path, threads: int) -> None:
 
 def say(msg: str, t0: float) -> None:
     """A stage line on stderr, with the seconds since `t0`."""
-    print(f"[quickstart {time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+    log.info(f"[quickstart {time.perf_counter() - t0:6.0f}s] {msg}", extra={"bare": True})
 
 
 def train_public_model(out: Path, public_data: dict[str, Path], *, seq_len: int, batch_size: int, steps: int,

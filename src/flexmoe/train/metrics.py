@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from flexmoe.io.log import get_logger
+
+log = get_logger(__name__)
 
 # Dense bf16 peak FLOP/s of known accelerators (no sparsity).
 GPU_PEAK_FLOPS = {
@@ -84,7 +87,7 @@ class MetricLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if console:
-            print(console, file=sys.stderr, flush=True)
+            log.info(console, extra={"bare": True})
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
 

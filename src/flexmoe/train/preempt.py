@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from flexmoe.io.log import get_logger
+
+log = get_logger(__name__)
 
 FLAG = "PREEMPT"
 
@@ -32,8 +35,8 @@ class Preemption:
             try:
                 signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: the PREEMPT file still works
-                print(f"[flexmoe] {signal_name} not handled (training off the main thread); "
-                      f"preemption through {self.flag} only", file=sys.stderr)
+                log.warning(f"{signal_name} not handled (training off the main thread); "
+                      f"preemption through {self.flag} only")
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._signalled = True
@@ -59,7 +62,7 @@ class Preemption:
             return "stopped"
         r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if r.returncode != 0:
-            print(f"[flexmoe] scontrol requeue {job} failed: {r.stderr.strip()}", file=sys.stderr, flush=True)
+            log.warning(f"scontrol requeue {job} failed: {r.stderr.strip()}")
             return "requeue-failed"
-        print(f"[flexmoe] preempted: checkpoint written, job {job} requeued", file=sys.stderr, flush=True)
+        log.info(f"preempted: checkpoint written, job {job} requeued")
         return "requeued"

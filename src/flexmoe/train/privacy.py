@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -36,8 +35,12 @@ import torch.nn.functional as F
 
 from flexmoe.config.train import ACCOUNTANTS, PrivacyConfig  # noqa: F401  (re-exported)
 from flexmoe.io.keys import router_weight_key
+from flexmoe.io.log import get_logger
 from flexmoe.train.dp_accounting import (  # noqa: F401  (re-exported)
-    DEFAULT_ORDERS, OpacusAccountant, RDPAccountant, calibrate_noise, epsilon_after, epsilon_from_rdp, make_accountant, max_steps_within, rdp_sampled_gaussian)
+    DEFAULT_ORDERS, OpacusAccountant, RDPAccountant, calibrate_noise, epsilon_after, epsilon_from_rdp, make_accountant,
+    max_steps_within, rdp_sampled_gaussian)
+
+log = get_logger(__name__)
 
 # --- per-sample clipping and noise ---------------------------------------------------------------
 
@@ -215,8 +218,8 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(out, wandb_cfg=getattr(cfg, "wandb", None))
-    print(f"[flexmoe] DP-SGD on {domain}: {num_windows} windows, q={q:.4g}, sigma={sigma:.4g}, "
-          f"C={pc.max_grad_norm}, {steps} steps ({cfg.trainer.steps} asked)", file=sys.stderr, flush=True)
+    log.info(f"DP-SGD on {domain}: {num_windows} windows, q={q:.4g}, sigma={sigma:.4g}, "
+          f"C={pc.max_grad_norm}, {steps} steps ({cfg.trainer.steps} asked)")
 
     t0 = time.perf_counter()
     for step in range(steps):

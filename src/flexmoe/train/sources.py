@@ -4,10 +4,12 @@ mixture with the stage's public share."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from flexmoe.config.train import DATA_FORMATS, RunConfig
+from flexmoe.io.log import get_logger
+
+log = get_logger(__name__)
 
 
 def data_format(cfg: RunConfig) -> str:
@@ -62,9 +64,8 @@ def build_train_source(cfg: RunConfig):
         # Seen in the routing ablation: public_mix=0 meant "no public data" to its author, but the
         # public source was then sampled like any owner domain (half of every batch).
         share = weights["public"] / (sum(weights.values()) or 1.0)
-        print(f"[flexmoe] stage.public_mix=0: data.train.public is weighed like the other domains "
-              f"({share:.0%} of batches); set stage.public_mix for a fixed share, or leave it out for none",
-              file=sys.stderr, flush=True)
+        log.warning(f"stage.public_mix=0: data.train.public is weighed like the other domains "
+              f"({share:.0%} of batches); set stage.public_mix for a fixed share, or leave it out for none")
     parts = {name: (open_windows(cfg, "train", name, cfg.data.train[name]), w)
              for name, w in weights.items() if w > 0}
     if len(parts) == 1:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,9 @@ from flexmoe.train.provenance import write_run_info
 from flexmoe.train.metrics import MetricLogger, device_peak_flops, peak_memory_gib
 from flexmoe.train.optim import build_optimizer, lr_at
 from flexmoe.train.sources import build_train_source, data_format, open_windows  # noqa: F401  (re-exported)
+from flexmoe.io.log import get_logger
+
+log = get_logger(__name__)
 
 
 def build_model(cfg: RunConfig) -> tuple[Transformer, ModelConfig, dict[str, Any]]:
@@ -196,7 +198,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         loader.load_state_dict(state["loader"])
         start, tokens_seen = state["step"], state["tokens_seen"]
         if rank == 0:
-            print(f"[flexmoe] resumed from {done[-1]} at step {start}", file=sys.stderr, flush=True)
+            log.info(f"resumed from {done[-1]} at step {start}")
 
     # DeepSpeed's bf16 mode casts the model itself; autocast would cast twice.
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.dtype == "bf16" and not use_ds
