@@ -65,6 +65,9 @@ class TrainerConfig:
     stop_after: int = 0  # >0: checkpoint and stop after this many steps of this run (time-sliced jobs)
     preempt_signal: str = "SIGUSR1"  # finish the step, checkpoint, requeue (SLURM --signal); "" disables
     requeue: bool = True  # on preemption, `scontrol requeue $SLURM_JOB_ID` (when inside SLURM)
+    # Memory per device the estimate (train/memory.py) must fit in, GiB: -1 the CUDA device's own
+    # (no check on CPU), 0 no check. A layout over it is refused before anything is allocated.
+    device_memory_gib: float = -1.0
 
 
 @dataclass

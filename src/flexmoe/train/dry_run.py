@@ -1,31 +1,38 @@
 """`flexmoe train --dry-run`: sizes, FLOPs and memory of a run without allocating the model.
 
 The model is built on the meta device (shapes only), the stage's freeze plan is applied to it,
-and parameters are counted; FLOPs come from model/flops.py; memory per device from the parallel
-layout's sharding degrees.
+and parameters are counted; FLOPs come from model/flops.py; memory per device from
+train/memory.py, the estimate the trainer also checks before it allocates anything.
 """
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.train.freeze import PLANS, apply_freeze_plan
+from flexmoe.io.model_dir import WEIGHTS
+from flexmoe.io.stream import read_header
 from flexmoe.model import Transformer
 from flexmoe.model.flops import flops_per_token, param_counts
+from flexmoe.train.freeze import PLANS, apply_freeze_plan
+from flexmoe.train.memory import GIB, estimate_memory
 
 
-def _degree(cfg: Any, name: str) -> int:
-    par = cfg.get("parallel") if hasattr(cfg, "get") else getattr(cfg, "parallel", None)
-    value = int((par.get(name) if hasattr(par, "get") else getattr(par, name, 1)) or 1) if par is not None else 1
-    if value < 1:  # -1: "what the world size leaves"; a dry run takes $WORLD_SIZE as the world
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        others = _degree(cfg, "dp_replicate") * _degree(cfg, "tp") if name == "dp_shard" else 1
-        value = max(world // max(others, 1), 1)
-    return value
+def frozen_dtype_of(cfg: Any) -> tuple[str, str]:
+    """(dtype frozen tensors are stored in, where that came from): the init_from file's header,
+    else `trainer.dtype` (what the published checkpoints a bf16 recipe branches from hold)."""
+    if cfg.init_from:
+        weights = Path(cfg.init_from) / WEIGHTS
+        if weights.is_file():
+            tensors, _ = read_header(weights)
+            if tensors:
+                first = tensors[sorted(tensors)[0]].dtype
+                return ("bf16" if first == torch.bfloat16 else "fp32"), str(weights)
+    dtype = cfg.trainer.dtype if cfg.trainer.dtype in ("fp32", "bf16") else "fp32"
+    return dtype, "trainer.dtype (no init_from weights to read)"
 
 
 def dry_run(cfg: Any, mcfg: ModelConfig) -> dict[str, Any]:
@@ -43,23 +50,16 @@ def dry_run(cfg: Any, mcfg: ModelConfig) -> dict[str, Any]:
         frac = max(mcfg.num_experts - plan.frozen_experts, 0) / mcfg.num_experts
     fpt = flops_per_token(mcfg, cfg.data.seq_len, training=True, trainable_expert_fraction=frac,
                           shared_trainable=not plan.frozen)
-    shard = _degree(cfg, "dp_shard") * _degree(cfg, "tp")
-    ep = _degree(cfg, "ep")
-    act_bytes = 2 if cfg.trainer.dtype == "bf16" else 4
-    expert_params = mcfg.num_layers * mcfg.num_experts * 3 * mcfg.d_model * mcfg.d_ff if mcfg.is_moe else 0
-    # weights: experts split over ep x shard, the rest over shard; grads + AdamW (2 fp32 moments)
-    # only for trainable weights; activations: ~34 values per token per layer per d_model (no AC).
-    weights = ((pc.total - expert_params) / shard + expert_params / max(shard * ep, 1)) * 4
-    opt = trainable / max(shard, 1) * 4 * 3
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    acts = tokens * mcfg.num_layers * mcfg.d_model * 34 * act_bytes / max(_degree(cfg, "tp"), 1)
-    logits = tokens * mcfg.vocab_size * 4 * 2 / max(_degree(cfg, "tp"), 1)
+    frozen_dtype, frozen_from = frozen_dtype_of(cfg)
+    est = estimate_memory(mcfg, trainable=trainable, frozen_dtype=frozen_dtype,
+                          act_dtype="bf16" if cfg.trainer.dtype == "bf16" else "fp32", parallel=cfg.parallel,
+                          batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
+                          shared_trainable=not plan.frozen, frozen_experts=plan.frozen_experts if mcfg.is_moe else 0)
     return {
         "params_total": pc.total, "params_active": pc.active, "params_trainable": trainable,
         "trainable_by_group": groups, "flops_per_token": fpt,
-        "memory_per_device_gib": {"weights": weights / 2**30, "grads_and_optimizer": opt / 2**30,
-                                  "activations": (acts + logits) / 2**30,
-                                  "total": (weights + opt + acts + logits) / 2**30},
+        "frozen_dtype": frozen_dtype, "frozen_dtype_from": frozen_from,
+        "memory_per_device_gib": est.gib(), "memory_estimate_gib": est.total / GIB,
     }
 
 
@@ -72,4 +72,5 @@ def format_dry_run(info: dict[str, Any]) -> str:
         f"trainable {b(info['params_trainable'])}",
         f"FLOPs per token (train): {info['flops_per_token'] / 1e9:.2f} GFLOP",
         "memory per device (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()),
+        f"frozen tensors stored as {info['frozen_dtype']} (from {info['frozen_dtype_from']})",
     ])

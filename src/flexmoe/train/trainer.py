@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from flexmoe.config.model import ModelConfig
 from flexmoe.config.train import RunConfig
 from flexmoe.train.load import load_model
-from flexmoe.io.model_dir import save_model_dir
+from flexmoe.io.model_dir import CONFIG, save_model_dir
 from flexmoe.io.fingerprint import fingerprint
 from flexmoe.train.freeze import PLANS, apply_freeze_plan, trainable_summary
 from flexmoe.model import Transformer
-from flexmoe.model.flops import flops_per_token, param_counts
 from flexmoe.model.moe import canonical_state_dict
 from flexmoe.parallel import deepspeed as ds
 from flexmoe.parallel.grad import clip_grad_norm_, mask_frozen_rows
@@ -32,6 +31,8 @@ from flexmoe.train import checkpoint as ckpt
 from flexmoe.train.preempt import Preemption
 from flexmoe.train.provenance import write_run_info
 from flexmoe.train.metrics import MetricLogger, device_peak_flops, peak_memory_gib
+from flexmoe.train.dry_run import dry_run
+from flexmoe.train.memory import GIB, MemoryEstimate, check_fits
 from flexmoe.train.optim import build_optimizer, lr_at
 from flexmoe.train.sources import build_train_source, data_format, open_windows  # noqa: F401  (re-exported)
 from flexmoe.io.log import get_logger
@@ -108,23 +109,18 @@ def training_loss(forward, inputs: torch.Tensor, targets: torch.Tensor, loss_mas
     return loss, (loss + o.aux_loss if o.aux_loss is not None else loss)
 
 
-def describe(cfg: RunConfig, model: Transformer, mcfg: ModelConfig) -> dict[str, Any]:
-    """Parameter counts, FLOPs per token and a memory estimate (what a dry run prints)."""
-    pc = param_counts(mcfg)
-    trainable = model.num_params(trainable_only=True)
-    shared_frozen = cfg.stage.freeze != "none"
-    frac = None
-    if mcfg.is_moe and shared_frozen:
-        frozen = PLANS[cfg.stage.freeze].frozen_experts
-        frac = max(mcfg.num_experts - frozen, 0) / mcfg.num_experts if mcfg.num_experts else 0.0
-    fpt = flops_per_token(mcfg, cfg.data.seq_len, training=True, trainable_expert_fraction=frac,
-                          shared_trainable=not shared_frozen)
-    bytes_per = 2 if cfg.trainer.dtype == "bf16" else 4
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    act = tokens * mcfg.num_layers * mcfg.d_model * 34 * bytes_per  # rough per-layer activation footprint
-    mem = pc.total * 4 + trainable * 4 * 3 + act + tokens * mcfg.vocab_size * 4 * 2
-    return {"params_total": pc.total, "params_active": pc.active, "params_trainable": trainable,
-            "flops_per_token": fpt, "memory_estimate_gib": mem / 2**30}
+def describe(cfg: RunConfig, mcfg: ModelConfig, device: torch.device | None = None) -> dict[str, Any]:
+    """Parameter counts, FLOPs per token and the memory estimate (the dry run's, train/memory.py);
+    refuses a layout whose estimate exceeds `trainer.device_memory_gib` (-1: the CUDA device's)."""
+    info = dry_run(cfg, mcfg)
+    budget = cfg.trainer.device_memory_gib
+    if budget < 0:
+        budget = (torch.cuda.get_device_properties(device).total_memory / GIB
+                  if device is not None and device.type == "cuda" else 0.0)
+    est = info["memory_per_device_gib"]
+    check_fits(MemoryEstimate(**{k: v * GIB for k, v in est.items() if k != "total"}), budget,
+               f"{cfg.parallel.engine} with data.batch_size={cfg.data.batch_size}, parallel.ac={cfg.parallel.ac}")
+    return info
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -162,12 +158,15 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = local_device()
+    # Sizes and the memory check come from the config alone: an over-budget layout is refused
+    # before anything is allocated.
+    info = describe(cfg, ModelConfig.load(Path(cfg.init_from) / CONFIG) if cfg.init_from
+                    else ModelConfig.from_dict(_plain(cfg)["model"]), device)
+    if cfg.dry_run:
+        return info
     model, mcfg, base_meta = build_model(cfg)
     trainable_groups = trainable_summary(model)  # before sharding: whole-parameter counts
     dims = resolve_dims(cfg.parallel, world_size, mcfg)
-    info = describe(cfg, model, mcfg)
-    if cfg.dry_run:
-        return info
     model.to(device).train()
     use_ds = cfg.parallel.engine == "deepspeed"
     meshes = None if use_ds else build_mesh(dims, device.type)
