@@ -1,8 +1,9 @@
 """Run configuration: typed dataclasses that Hydra validates (types and unknown keys) before any
 process starts."""
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, TypeVar
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.config.parallel import ParallelConfig
@@ -140,3 +141,48 @@ class RunConfig:
     tokenizer: Optional[str] = None  # recorded in the output; `bytes` or a tokenizer directory
     dry_run: bool = False
     extra: List[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Every check the config alone allows, in one place; ValueError names the setting."""
+        if self.stage.freeze not in FREEZE_PLAN_NAMES:
+            raise ValueError(f"stage.freeze={self.stage.freeze!r} is not one of {', '.join(FREEZE_PLAN_NAMES)}")
+        if self.data.format not in DATA_FORMATS:
+            raise ValueError(f"data.format={self.data.format!r} is not one of {', '.join(DATA_FORMATS)}")
+        if self.privacy.enabled:
+            self.privacy.validate()
+        # The world size torchrun or SLURM launched (1 for a plain process): the layout is checked
+        # against it here, before any process group or model exists.
+        if self.init_from is None:  # a model from init_from is checked when its config is read
+            self.parallel.check_tp(self.model)
+        self.parallel.check_world(int(os.environ.get("WORLD_SIZE", "1") or 1))
+        if self.init_from is None:
+            self.parallel.check_ep(self.model)
+
+
+T = TypeVar("T")
+
+
+def to_typed(cls: type[T], src: Any, where: str) -> T:
+    """A `cls` dataclass from a dataclass, a Hydra/OmegaConf node or a dict; unknown keys and
+    wrong types are refused naming `where` and the key."""
+    if isinstance(src, cls):
+        return src
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    data = OmegaConf.to_container(src, resolve=True) if OmegaConf.is_config(src) else dict(src)
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {unknown}; known: {sorted(f.name for f in fields(cls))}")  # type: ignore[arg-type]
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{where}: {str(e).splitlines()[0]}") from e
+
+
+def as_run_config(cfg: Any) -> RunConfig:
+    """The typed, validated RunConfig of a run, made once at the entry point (`flexmoe train`,
+    `train()`); everything below takes it as it is."""
+    run = to_typed(RunConfig, cfg, "config")
+    run.validate()
+    return run

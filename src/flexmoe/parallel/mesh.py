@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.config.parallel import AC_MODES, DTYPES, ENGINES, ParallelConfig
+from flexmoe.config.parallel import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -46,28 +46,7 @@ def _fail(ok: bool, msg: str) -> None:
 
 def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None = None) -> ParallelDims:
     """Check `cfg` against the world size and the model; refuse impossible layouts naming the setting."""
-    _fail(cfg.engine in ENGINES, f"parallel.engine={cfg.engine!r} is not one of {'|'.join(ENGINES)}")
-    _fail(cfg.ac in AC_MODES, f"parallel.ac={cfg.ac!r} is not one of {'|'.join(AC_MODES)}")
-    _fail(cfg.ac_every >= 1, f"parallel.ac_every={cfg.ac_every} must be >= 1")
-    for key in ("param_dtype", "reduce_dtype"):
-        _fail(getattr(cfg, key) in DTYPES, f"parallel.{key}={getattr(cfg, key)!r} is not one of {'|'.join(DTYPES)}")
-    _fail(cfg.backend in ("auto", "nccl", "gloo"), f"parallel.backend={cfg.backend!r} is not auto|nccl|gloo")
-    for key in ("dp_replicate", "tp", "ep"):
-        _fail(getattr(cfg, key) >= 1, f"parallel.{key}={getattr(cfg, key)} must be >= 1")
-    _fail(cfg.dp_shard >= 1 or cfg.dp_shard == -1, f"parallel.dp_shard={cfg.dp_shard} must be >= 1 or -1 (the rest)")
-    fixed = cfg.dp_replicate * cfg.tp
-    if cfg.dp_shard == -1:
-        _fail(world_size % fixed == 0,
-              f"world size {world_size} is not divisible by parallel.dp_replicate={cfg.dp_replicate} x "
-              f"parallel.tp={cfg.tp}; launch a multiple of {fixed} processes")
-        dp_shard = world_size // fixed
-    else:
-        dp_shard = cfg.dp_shard
-        _fail(fixed * dp_shard == world_size,
-              f"parallel.dp_replicate={cfg.dp_replicate} x dp_shard={dp_shard} x tp={cfg.tp} = {fixed * dp_shard} "
-              f"but the world size is {world_size}; set parallel.dp_shard=-1 or launch {fixed * dp_shard} processes")
-    _fail(dp_shard % cfg.ep == 0, f"parallel.ep={cfg.ep} does not divide dp_shard={dp_shard} (expert parallelism "
-                                  f"borrows ranks from the sharded data-parallel axis); lower parallel.ep")
+    dp_shard = cfg.check_world(world_size)
     dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.ep, world_size)
     if cfg.engine == "deepspeed":
         _fail(cfg.tp == 1 and cfg.ep == 1 and cfg.dp_replicate == 1,
@@ -76,19 +55,14 @@ def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None
         _fail(not cfg.compile, "parallel.compile=true is not supported with parallel.engine=deepspeed; use engine=fsdp")
         _fail(cfg.zero_stage in (None, 1, 2, 3), f"parallel.zero_stage={cfg.zero_stage} is not 1, 2 or 3")
     if model is not None:
-        _check_model(dims, model)
+        _check_model(cfg, dims, model)
     return dims
 
 
-def _check_model(dims: ParallelDims, m: ModelConfig) -> None:
+def _check_model(cfg: ParallelConfig, dims: ParallelDims, m: ModelConfig) -> None:
+    cfg.check_model(m)
     tp, ep = dims.tp, dims.ep
-    if tp > 1:
-        _fail(m.num_heads % tp == 0, f"parallel.tp={tp} does not divide model.num_heads={m.num_heads}")
-        _fail(m.kv_heads % tp == 0, f"parallel.tp={tp} does not divide model.num_kv_heads={m.kv_heads}")
-        _fail(m.d_ff % tp == 0, f"parallel.tp={tp} does not divide model.d_ff={m.d_ff}")
     if ep > 1:
-        _fail(m.is_moe, f"parallel.ep={ep} needs an MoE model (model.num_experts > 0)")
-        _fail(m.num_experts % ep == 0, f"parallel.ep={ep} does not divide model.num_experts={m.num_experts}")
         # FSDP shards expert weights on dim 1 over the expert-data-parallel ranks (dim 0 is ep's).
         _fail(m.d_ff % (tp * dims.edp) == 0 and m.d_model % dims.edp == 0,
               f"model.d_ff={m.d_ff} (over tp={tp}) and model.d_model={m.d_model} must divide by the "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flexmoe.config.train import ACCOUNTANTS, PrivacyConfig  # noqa: F401  (re-exported)
+from flexmoe.config.train import ACCOUNTANTS, PrivacyConfig, as_run_config, to_typed  # noqa: F401  (re-exported)
 from flexmoe.io.keys import router_weight_key
 from flexmoe.io.log import get_logger
 from flexmoe.train.dp_accounting import (  # noqa: F401  (re-exported)
@@ -127,18 +126,7 @@ def privacy_config_of(cfg: Any, privacy: PrivacyConfig | None = None) -> Privacy
     src = privacy if privacy is not None else getattr(cfg, "privacy", None)
     if src is None:
         raise ValueError("no privacy settings: pass PrivacyConfig(...) or set privacy.* in the run config")
-    if not isinstance(src, PrivacyConfig):
-        try:
-            from omegaconf import OmegaConf
-
-            src = OmegaConf.to_container(src, resolve=True) if OmegaConf.is_config(src) else dict(src)
-        except ImportError:
-            src = dict(src)
-        known = {f.name for f in fields(PrivacyConfig)}
-        unknown = sorted(set(src) - known)
-        if unknown:
-            raise ValueError(f"privacy: unknown settings {unknown}; known: {sorted(known)}")
-        src = PrivacyConfig(**src)
+    src = to_typed(PrivacyConfig, src, "privacy")
     src.validate()
     return src
 
@@ -146,7 +134,7 @@ def privacy_config_of(cfg: Any, privacy: PrivacyConfig | None = None) -> Privacy
 def _private_windows(cfg):
     from flexmoe.data import TokenWindows
 
-    if getattr(cfg.data, "format", "lm") != "lm":
+    if cfg.data.format != "lm":
         raise ValueError(f"data.format={cfg.data.format} with privacy.enabled=true: DP-SGD trains on token windows "
                          "(data.format=lm) only")
     if len(cfg.data.train) != 1:
@@ -173,6 +161,7 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
     from flexmoe.train.metrics import MetricLogger
     from flexmoe.train.optim import build_optimizer, lr_at
 
+    cfg = as_run_config(cfg)
     pc = privacy_config_of(cfg, privacy)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("privacy.enabled=true trains in one process; launch without torchrun")
@@ -217,7 +206,7 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
     accountant = make_accountant(pc.accountant)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    logger = MetricLogger(out, wandb_cfg=getattr(cfg, "wandb", None))
+    logger = MetricLogger(out, wandb_cfg=cfg.wandb)
     log.info(f"DP-SGD on {domain}: {num_windows} windows, q={q:.4g}, sigma={sigma:.4g}, "
           f"C={pc.max_grad_norm}, {steps} steps ({cfg.trainer.steps} asked)")
 

@@ -14,7 +14,7 @@ log = get_logger(__name__)
 
 def data_format(cfg: RunConfig) -> str:
     """`data.format` checked: `lm` (token windows) or `sft` (chat windows with a loss mask)."""
-    fmt = getattr(cfg.data, "format", "lm")
+    fmt = cfg.data.format
     if fmt not in DATA_FORMATS:
         raise ValueError(f"data.format={fmt!r} is not one of {', '.join(DATA_FORMATS)}")
     return fmt

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import os
 import time
@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.config.train import RunConfig
+from flexmoe.config.train import RunConfig, as_run_config
 from flexmoe.train.load import load_model
 from flexmoe.io.model_dir import CONFIG, save_model_dir
 from flexmoe.io.fingerprint import fingerprint
@@ -45,7 +45,7 @@ def build_model(cfg: RunConfig) -> tuple[Transformer, ModelConfig, dict[str, Any
     if cfg.init_from:
         model, mcfg, meta = load_model(cfg.init_from)
     else:
-        mcfg = ModelConfig.from_dict(_plain(cfg)["model"])
+        mcfg = cfg.model
         torch.manual_seed(cfg.trainer.seed)
         model, meta = Transformer(mcfg), {}
         model.reset_parameters(seed=cfg.trainer.seed)
@@ -131,8 +131,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     batch of `data.batch_size` x data-parallel size; rank 0 alone logs and writes `final/`.
     With `privacy.enabled=true` it runs DP-SGD instead (flexmoe.train.privacy.train_private).
     """
-    privacy = getattr(cfg, "privacy", None)
-    if privacy is not None and privacy.enabled:
+    cfg = as_run_config(cfg)  # a Hydra node from a caller becomes the typed config here, once
+    if cfg.privacy.enabled:
         # DP-SGD needs per-window gradients and its own sampler and accountant: a separate loop.
         from flexmoe.train.privacy import train_private
 
@@ -161,7 +161,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     # Sizes and the memory check come from the config alone: an over-budget layout is refused
     # before anything is allocated.
     info = describe(cfg, ModelConfig.load(Path(cfg.init_from) / CONFIG) if cfg.init_from
-                    else ModelConfig.from_dict(_plain(cfg)["model"]), device)
+                    else cfg.model, device)
     if cfg.dry_run:
         return info
     model, mcfg, base_meta = build_model(cfg)
@@ -181,7 +181,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     source = build_train_source(cfg)
     loader = BatchLoader(source, cfg.data.batch_size, seed=cfg.trainer.seed, rank=dp_rank, world_size=dp_size)
     val = {d: open_windows(cfg, "val", d, p) for d, p in cfg.data.val.items()}
-    logger = MetricLogger(out, enabled=rank == 0, wandb_cfg=cfg.wandb, run_config=_plain(cfg))
+    logger = MetricLogger(out, enabled=rank == 0, wandb_cfg=cfg.wandb, run_config=dataclasses.asdict(cfg))
     if rank == 0:
         write_run_info(out, cfg)
     # Which groups this stage trains, so a wrong freeze plan shows in the log before any step.
@@ -276,7 +276,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         stopping = stopping or preempted
         if (cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < cfg.trainer.steps) or stopping:
             ckpt.save_checkpoint(ckpt_root, s, model, optimizer,
-                                 {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},
+                                 {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)},
                                  keep_last=cfg.trainer.keep_last, engine=engine)
         if stopping:
             status = preemption.finish() if preempted else "stopped"
@@ -285,7 +285,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     module = engine.module if engine is not None else model
     final_val = _validate(module, val, cfg, cfg.trainer.steps, logger) if val else {}
     ckpt.save_checkpoint(ckpt_root, cfg.trainer.steps, model, optimizer,
-                         {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": _plain(cfg)},
+                         {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)},
                          keep_last=cfg.trainer.keep_last, engine=engine)
     sd = _full_state_dict(model, engine, world_size)
     result = _write_final(cfg, sd, mcfg, base_meta, tokens_seen, final_val) if rank == 0 else {}
@@ -344,14 +344,3 @@ def _write_final(cfg, full_sd, mcfg, base_meta, tokens_seen, val_loss) -> dict[s
         meta["fingerprint"] = fp
     final = save_model_dir(Path(cfg.out_dir) / "final", mcfg, sd, meta, overwrite=True)
     return {"final": str(final), "val_loss": val_loss, "tokens_seen": tokens_seen, **meta}
-
-
-def _plain(cfg: RunConfig) -> dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[arg-type]
-    except Exception:
-        import dataclasses
-
-        return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
