@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    # The Hydra config tree ships inside the package: a non-editable install trains from any directory.
+    package_data={"flexmoe": ["conf/*.yaml", "conf/*/*.yaml", "conf/*/*/*.yaml"]},
     python_requires=">=3.10",
     # torch is pinned for the CPU path by constraints-cpu.txt; a GPU cluster installs its CUDA torch first.
     install_requires=[

@@ -31,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"flexmoe {version('flexmoe')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("flexmoe (not installed)")
+        return 0
     if argv[0] not in COMMANDS:
         print(f"flexmoe: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

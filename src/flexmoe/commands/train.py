@@ -75,8 +75,9 @@ def load_config_of(model_dir: str):
 
 
 def conf_dir() -> Path:
-    """The Hydra config tree: $FLEXMOE_CONF, else the repository's conf/ beside src/."""
+    """The Hydra config tree: $FLEXMOE_CONF, else the one shipped inside the package (flexmoe/conf,
+    also reachable as the repository's top-level conf/), so a wheel install trains from any directory."""
     env = os.environ.get("FLEXMOE_CONF")
     if env:
         return Path(env).resolve()
-    return Path(__file__).resolve().parents[3] / "conf"
+    return Path(__file__).resolve().parents[1] / "conf"
