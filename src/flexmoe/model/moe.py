@@ -1,5 +1,5 @@
 """Mixture-of-experts FFN built from small pieces: a router, a dropless sort-based dispatch and
-stacked `[E, ...]` SwiGLU experts (grouped matmul on GPU, a loop elsewhere).
+stacked `[E, ...]` SwiGLU experts (grouped matmul, or a per-expert loop).
 
 Opt-out works by masking router logits to -inf *before* the softmax: the remaining experts'
 probabilities are then exactly those of a model merged without the masked expert.
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.config.model import ModelConfig
+from flexmoe.io.keys import EXPERT_WEIGHTS
 
-EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 FROZEN_SUFFIX = "_frozen"
 
 
@@ -139,12 +139,6 @@ class GroupedExperts(nn.Module):
         w = getattr(self, name)
         return w.to_local() if hasattr(w, "to_local") else w
 
-    def stacked(self, name: str) -> torch.Tensor:
-        w = self.local(name)
-        if self.num_frozen:
-            w = torch.cat([self.local(name + FROZEN_SUFFIX), w])
-        return w
-
     def slot(self, name: str, e: int) -> torch.Tensor:
         if e < self.num_frozen:
             return self.local(name + FROZEN_SUFFIX)[e]
@@ -154,21 +148,28 @@ class GroupedExperts(nn.Module):
     def _use_grouped(self, x: torch.Tensor) -> bool:
         if self.impl == "loop":
             return False
-        ok = hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-        if self.impl == "grouped" and not ok:
-            raise ValueError("model.moe_impl=grouped needs CUDA, bf16 and torch.nn.functional.grouped_mm; use auto")
-        return ok
+        # grouped_mm runs on CPU in fp32 and bf16 and on CUDA in bf16; its kernels need every
+        # row stride 16-byte aligned: d_model and the local d_ff multiples of 8 (bf16) or 4 (fp32).
+        d_ff = self.local("gate_proj_frozen" if self.num_frozen else "gate_proj").shape[1]
+        aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], d_ff))
+        runs = hasattr(F, "grouped_mm") and aligned and (
+            x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not x.is_cuda))
+        if self.impl == "grouped":
+            if not runs:
+                raise ValueError("model.moe_impl=grouped needs torch.nn.functional.grouped_mm, bf16 (or fp32 on "
+                                 "CPU) and d_model, d_ff multiples of 16 bytes; use auto")
+            return True
+        # auto: only on CUDA. On CPU fp32 grouped_mm measured up to 10x slower than the loop
+        # (4 experts, d 256, d_ff 512, 2k tokens); in CPU bf16 both are slow.
+        return runs and x.is_cuda
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """`x_ND` holds tokens sorted by expert; `counts_E[e]` of them belong to expert e.
 
         Under expert parallelism the hooks hand in this rank's experts only: the frozen slots
         (replicated on every rank) first, then the local part of the trainable stack."""
-        if self._use_grouped(x_ND):  # pragma: no cover - GPU only
-            offs = counts_E.cumsum(0).to(torch.int32)
-            g = F.grouped_mm(x_ND, self.stacked("gate_proj").transpose(-2, -1), offs=offs)
-            u = F.grouped_mm(x_ND, self.stacked("up_proj").transpose(-2, -1), offs=offs)
-            return F.grouped_mm(F.silu(g) * u, self.stacked("down_proj").transpose(-2, -1), offs=offs)
+        if self._use_grouped(x_ND):
+            return self._grouped(x_ND, counts_E)
         outs = []
         # An expert without tokens still runs (on zero rows, at no cost) so every weight gets a
         # gradient, zero or not, on every rank: FSDP's reduce-scatter and the expert-parallel
@@ -179,6 +180,103 @@ class GroupedExperts(nn.Module):
         if not outs:
             return x_ND.new_zeros(x_ND.shape)
         return torch.cat(outs)
+
+    def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        trainable = [self.local(n) for n in EXPERT_WEIGHTS]
+        frozen = [self.local(n + FROZEN_SUFFIX) if self.num_frozen else None for n in EXPERT_WEIGHTS]
+        if trainable[0].shape[0] == 0:  # an ep rank without trainable experts
+            trainable = [None] * 3
+        return _TwoStackSwiGLU.apply(x_ND, counts_E, self.num_frozen, *frozen, *trainable)
+
+
+class _TwoStackSwiGLU(torch.autograd.Function):
+    """SwiGLU experts as grouped GEMMs over two stacks, each on its own weights: the frozen slots
+    (rows `[0, n_stay)` of x, experts `[0, nf)`) and the trainable ones (the remaining rows).
+
+    Why a hand-written backward: concatenating the stacks every step would copy every frozen
+    weight (and keep the copy for backward) and make autograd compute their weight gradients;
+    two autograd'ed GEMMs would each keep N-row activations. Here backward computes weight
+    gradients for the trainable stack only, and forward keeps x, gate and up (N rows each),
+    recomputing silu(gate) * up: less than the per-expert loop keeps.
+
+    No host synchronisation: the frozen slots' row count stays a device scalar. grouped_mm
+    groups start at row 0 and leave rows past the last group unwritten (garbage), so the
+    trainable stack runs on x rotated by n_stay (a gather with device-side indices) and every
+    result is merged by a row mask, which also drops the garbage rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, counts_E, nf, gate_f, up_f, down_f, gate_t, up_t, down_t):
+        weights = [w if w is None else w.to(x_ND.dtype) for w in (gate_f, up_f, down_f, gate_t, up_t, down_t)]
+        seg = _Segments(x_ND.shape[0], counts_E, nf, x_ND.device)
+        g_NF = seg.mm(x_ND, weights[0], weights[3], transpose=True)
+        u_NF = seg.mm(x_ND, weights[1], weights[4], transpose=True)
+        y_ND = seg.mm(F.silu(g_NF) * u_NF, weights[2], weights[5], transpose=True)
+        ctx.nf = nf
+        ctx.save_for_backward(x_ND, counts_E, g_NF, u_NF, *weights)
+        ctx.param_dtypes = [None if w is None else w.dtype for w in (gate_t, up_t, down_t)]
+        return y_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_ND):
+        x_ND, counts_E, g_NF, u_NF, gate_f, up_f, down_f, gate_t, up_t, down_t = ctx.saved_tensors
+        seg = _Segments(x_ND.shape[0], counts_E, ctx.nf, x_ND.device)
+        # grouped_mm takes no stride-0 (expanded) operand; an empty one (an ep rank that got no
+        # tokens) counts as contiguous whatever its strides, so it is rebuilt
+        dy_ND = dy_ND.contiguous() if dy_ND.numel() else dy_ND.new_zeros(dy_ND.shape)
+        silu_NF = F.silu(g_NF)
+        dh_NF = seg.mm(dy_ND, down_f, down_t, transpose=False)
+        # the same kernels autograd runs for silu(g) * u, so the loop's gradients are matched
+        dg_NF = torch.ops.aten.silu_backward(dh_NF * u_NF, g_NF)
+        du_NF = dh_NF * silu_NF
+        dx_ND = seg.mm(dg_NF, gate_f, gate_t, transpose=False) + seg.mm(du_NF, up_f, up_t, transpose=False)
+        # weight gradients of the trainable stack only: [G, out, in] = grad^T @ input per group
+        grads = [None, None, None]
+        if gate_t is not None:
+            needs = ctx.needs_input_grad[6:9]
+            pairs = ((dg_NF, x_ND), (du_NF, x_ND), (dy_ND, silu_NF * u_NF))
+            for i, (grad_NO, inp_NI) in enumerate(pairs):
+                if needs[i]:
+                    grads[i] = seg.weight_grad(grad_NO, inp_NI).to(ctx.param_dtypes[i])
+        return (dx_ND if ctx.needs_input_grad[0] else None), None, None, None, None, None, *grads
+
+
+class _Segments:
+    """Row bookkeeping for _TwoStackSwiGLU, all on the device: rows `[0, n_stay)` belong to the
+    first `nf` experts, the rest (rotated to the front for their GEMMs) to the others."""
+
+    def __init__(self, N: int, counts_E: torch.Tensor, nf: int, device: torch.device):
+        self.N, self.nf = N, nf
+        self.offs_f = counts_E[:nf].cumsum(0, dtype=torch.int32)
+        self.offs_t = counts_E[nf:].cumsum(0, dtype=torch.int32)
+        self.n_stay = counts_E[:nf].sum()
+        row_N = torch.arange(N, device=device)
+        self.stay_N1 = (row_N < self.n_stay)[:, None]
+        self.to_front_N = (row_N + self.n_stay) % max(N, 1)  # trainable rows first
+        self.back_N = (row_N - self.n_stay) % max(N, 1)
+
+    def mm(self, a_NK, w_f, w_t, *, transpose: bool) -> torch.Tensor:
+        """Each row of `a_NK` times its expert's weight (`w^T` with `transpose`), both stacks."""
+        out_f = out_t = None
+        if w_f is not None:
+            out_f = F.grouped_mm(a_NK, w_f.transpose(-2, -1) if transpose else w_f, offs=self.offs_f)
+        if w_t is not None:
+            a_rot = a_NK.index_select(0, self.to_front_N) if self.nf else a_NK
+            out_t = F.grouped_mm(a_rot, w_t.transpose(-2, -1) if transpose else w_t, offs=self.offs_t)
+            if self.nf:
+                out_t = out_t.index_select(0, self.back_N)
+        if out_f is None:
+            return out_t
+        if out_t is None:
+            return torch.where(self.stay_N1, out_f, 0)
+        return torch.where(self.stay_N1, out_f, out_t)
+
+    def weight_grad(self, grad_NO: torch.Tensor, inp_NI: torch.Tensor) -> torch.Tensor:
+        """`[G, O, I]`: per trainable expert, grad^T @ input over its rows (others ignored)."""
+        if self.nf:
+            grad_NO, inp_NI = grad_NO.index_select(0, self.to_front_N), inp_NI.index_select(0, self.to_front_N)
+        return F.grouped_mm(grad_NO.t(), inp_NI, offs=self.offs_t)
 
 
 class MoE(nn.Module):

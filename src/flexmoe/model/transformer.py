@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from flexmoe.config.model import NATIVE_BUFFERS, ModelConfig
 from flexmoe.model.attention import Attention
 from flexmoe.model.docroute import ngram_choice
 from flexmoe.model.ffn import DenseFFN
+from flexmoe.model.loss import cross_entropy_from_logits, linear_cross_entropy
 from flexmoe.model.moe import MoE, Routing
 from flexmoe.model.norm import RMSNorm
 from flexmoe.model.rope import RotaryEmbedding
@@ -18,10 +20,11 @@ from flexmoe.model.rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when forward took `targets` and the head's loss ran chunked
     aux_loss: torch.Tensor | None = None
     routing: list[Routing] = field(default_factory=list)
     hidden_states: list[torch.Tensor] = field(default_factory=list)  # input of each block's FFN
+    loss: torch.Tensor | None = None  # next-token cross-entropy, when forward took `targets`
 
 
 class Block(nn.Module):
@@ -111,6 +114,9 @@ class Transformer(nn.Module):
         last_hidden_only: bool = False,
         doc_ids: torch.Tensor | None = None,
         route_choice: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
     ) -> ModelOutput:
         """Logits `[B, S, V]` in the activation dtype.
 
@@ -120,6 +126,10 @@ class Transformer(nn.Module):
         `doc_ids` `[B, S]` keeps attention inside each packed example.
         `route_choice` `[B, S]`: the domain expert per position (0 = anchor only) picked outside the
         model, e.g. by a document embedder (flex/docembed.py); `anchor_*` routings only.
+        `targets` `[B, S]`: also return the cross-entropy (fp32) in `loss`, weighed by `loss_mask`
+        `[B, S]` if given, reduced by `loss_reduction` (mean|sum|none; the mean is over
+        `loss_mask`'s sum, or over targets != -100); the logits are then not returned, and not
+        materialised: the head runs chunk by chunk (model/loss.py).
         """
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
@@ -142,14 +152,31 @@ class Transformer(nn.Module):
                 choice = self.document_choice(h, expert_mask)
             x = block.feed(h, expert_mask, choice)
         x = self.norm(x)
-        logits = x if last_hidden_only else self.lm_head(x)
+        loss = None
+        if targets is not None:
+            logits, loss = self._loss(x, targets, loss_mask, loss_reduction)
+        else:
+            logits = x if last_hidden_only else self.lm_head(x)
         aux = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]
         return ModelOutput(
+            loss=loss,
             logits=logits,
             aux_loss=torch.stack(aux).sum() if aux else None,
             routing=[m.last_routing for m in self.moe_layers() if m.last_routing is not None],
             hidden_states=captured or [],
         )
+
+    def _loss(self, x_BSD, targets_BS, mask_BS, reduction: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits or None, loss) from the final normed hidden states."""
+        w = self.lm_head.weight
+        # Under FSDP2 the head's weight is the gathered one here (the final norm, run just
+        # before, shares its FSDP unit). A DTensor weight is a vocab-sharded head (tensor
+        # parallelism, or a head FSDP left sharded) and a ZeRO-3 weight lives gathered only
+        # inside lm_head's forward: those keep the full-logits path through the module.
+        if isinstance(w, DTensor) or hasattr(w, "ds_id"):
+            logits = self.lm_head(x_BSD)
+            return logits, cross_entropy_from_logits(logits, targets_BS, loss_mask_N=mask_BS, reduction=reduction)
+        return None, linear_cross_entropy(x_BSD, w, targets_BS, loss_mask_N=mask_BS, reduction=reduction)
 
     # --- parameter accounting -------------------------------------------------------------------
     def num_params(self, trainable_only: bool = False) -> int:

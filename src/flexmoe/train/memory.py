@@ -12,8 +12,8 @@ Counted from the config and the freeze plan alone (the model is built on the met
 - activations of one micro-batch: what autograd keeps per token and layer (attention, and the
   MoE dispatch for `top_k` experts), all layers without activation checkpointing; with it, one
   block input per layer plus one layer recomputed;
-- the loss: chunked linear + cross-entropy keeps one chunk of fp32 logits (and its gradient),
-  the unchunked path batch x seq x vocab of them.
+- the loss: chunked linear + cross-entropy (model/loss.py) keeps one chunk of fp32 logits, the
+  unchunked path (a vocab-sharded head under TP) batch x seq x vocab of them, three times.
 
 The per-token activation counts are element counts read off the modules' forward passes
 (tests/train/test_memory_estimate.py holds the estimate against peaks measured on CPU).
@@ -27,11 +27,10 @@ from typing import Any
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.model.flops import param_counts
+from flexmoe.model.loss import chunk_tokens_for
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
-# Tokens per chunk of the chunked loss (model/loss.py); the estimate counts one chunk of logits.
-LOSS_CHUNK_TOKENS = 1024
 
 
 @dataclass
@@ -119,9 +118,10 @@ def estimate_memory(mcfg: ModelConfig, *, trainable: int, frozen_dtype: str, act
         if not shared_trainable:  # frozen embeddings: layer 0's attention needs no gradient, keeps nothing
             kept -= 15 * mcfg.d_model
     acts = tokens * (kept + 2 * mcfg.d_model) * ab / tp  # + embedding output and final norm
-    loss_tokens = min(tokens, LOSS_CHUNK_TOKENS) if chunked_loss else tokens
-    # fp32 logits and their gradient (plus the autocast-dtype copy the head produces)
-    logits = loss_tokens * mcfg.vocab_size * (4 + 4 + ab) / tp
+    if chunked_loss:  # one chunk of fp32 logits, turned into its gradient in place (model/loss.py)
+        logits = min(tokens, chunk_tokens_for(mcfg.vocab_size)) * mcfg.vocab_size * 4 / tp
+    else:  # the head's output, its fp32 copy and that copy's gradient
+        logits = tokens * mcfg.vocab_size * (4 + 4 + ab) / tp
     return MemoryEstimate(weights=weights, grads_and_optimizer=opt, fsdp_buffers=fsdp, activations=acts,
                           logits=logits)
 

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.config.train import RunConfig, as_run_config
@@ -73,16 +72,15 @@ def evaluate_loss(model: Transformer, windows, num_batches: int, batch_size: int
             items = [windows[i] for i in range(start, min(start + batch_size, n))]
             tokens, mask, docs = (torch.from_numpy(np.stack([it[k] for it in items])).to(device)
                                   for k in ("tokens", "loss_mask", "doc_ids"))
-            logits = model(tokens[:, :-1], expert_mask, doc_ids=docs).logits.float()
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
-            m = mask.reshape(-1).to(ce.dtype)
-            total, count = total + (ce * m).sum().item(), count + m.sum().item()
+            # the loss inside the model: the head runs chunked, no [B, S, vocab] logits
+            loss = model(tokens[:, :-1], expert_mask, doc_ids=docs, targets=tokens[:, 1:], loss_mask=mask,
+                         loss_reduction="sum").loss
+            total, count = total + loss.item(), count + mask.float().sum().item()
         model.train(was_training)
         return total / max(count, 1)
     for start in range(0, n, batch_size):
         batch = torch.from_numpy(np.stack([windows[i] for i in range(start, min(start + batch_size, n))])).to(device)
-        logits = model(batch[:, :-1], expert_mask).logits.float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        loss = model(batch[:, :-1], expert_mask, targets=batch[:, 1:], loss_reduction="sum").loss
         total, count = total + loss.item(), count + batch[:, 1:].numel()
     model.train(was_training)
     return total / max(count, 1)
@@ -98,14 +96,13 @@ def training_loss(forward, inputs: torch.Tensor, targets: torch.Tensor, loss_mas
     mean over its own trained targets; the training loop reweighs SFT micro-batches by their
     share of the global batch's trained targets.
     """
+    # The model takes the loss itself: its head then runs chunked (model/loss.py), never
+    # holding [B, S, vocab] logits; FSDP and DeepSpeed wrappers pass the keywords through.
     if loss_mask is None:
-        o = forward(inputs)
-        loss = F.cross_entropy(o.logits.float().reshape(-1, o.logits.shape[-1]), targets.reshape(-1))
+        o = forward(inputs, targets=targets)
     else:
-        from flexmoe.data.sft import masked_lm_loss
-
-        o = forward(inputs, doc_ids=doc_ids)
-        loss = masked_lm_loss(o.logits, targets, loss_mask)
+        o = forward(inputs, doc_ids=doc_ids, targets=targets, loss_mask=loss_mask)
+    loss = o.loss
     return loss, (loss + o.aux_loss if o.aux_loss is not None else loss)
 
 
