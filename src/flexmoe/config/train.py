@@ -74,9 +74,14 @@ class TrainerConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = False
-    mode: str = "offline"
+    # None: $WANDB_MODE if set (online | offline | disabled), else offline. An explicit
+    # wandb.mode=... wins over the environment, as any Hydra override does.
+    mode: Optional[str] = None
     project: str = "flexmoe"
     name: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None  # e.g. one group per sweep
+    tags: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -80,6 +80,22 @@ ATTENTION_GLOBS = ("layers.*.attn.*",)
 EXPERTS_GLOB = "layers.*.ffn.experts.*"
 
 
+def param_group(name: str) -> str:
+    """The group a native parameter belongs to, for summaries: experts, router, ffn (a dense FFN),
+    attention, embeddings or norms."""
+    if ".ffn.experts." in name:
+        return "experts"
+    if ".ffn.router." in name:
+        return "router"
+    if ".ffn." in name:
+        return "ffn"
+    if ".attn." in name:
+        return "attention"
+    if name.startswith(("embed", "lm_head")):
+        return "embeddings"
+    return "norms"
+
+
 # --- expert package names (one expert's slice of every layer) ------------------------------------
 def package_weight_key(layer: int, weight: str) -> str:
     """One expert's FFN weight in a package's expert.safetensors."""

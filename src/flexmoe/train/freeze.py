@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flexmoe.io.keys import ATTENTION_GLOBS, EMBEDDING_GLOBS, EXPERTS_GLOB, NORM_GLOBS
+from flexmoe.io.keys import ATTENTION_GLOBS, EMBEDDING_GLOBS, EXPERTS_GLOB, NORM_GLOBS, param_group
 from flexmoe.model.moe import MoE
 from flexmoe.parallel.grad import ROW_MASK
 
@@ -77,8 +77,7 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        g = ("experts" if ".experts." in name else "router" if ".router." in name else
-             "attention" if ".attn." in name else "embeddings" if name.startswith(("embed", "lm_head")) else "norms")
+        g = param_group(name)
         rows = getattr(p, ROW_MASK, 0)
         groups[g] = groups.get(g, 0) + p.numel() - rows * (p.numel() // max(p.shape[0], 1))
     groups["total"] = sum(groups.values())

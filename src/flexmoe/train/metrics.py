@@ -65,6 +65,16 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def wandb_settings(wandb_cfg: Any) -> dict[str, Any]:
+    """wandb.init's project/name/entity/group/tags/mode; the mode is the config's, else $WANDB_MODE,
+    else offline (no network is assumed)."""
+    mode = wandb_cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"wandb.mode={mode!r} is not online|offline|disabled")
+    return {"project": wandb_cfg.project, "name": wandb_cfg.name, "entity": wandb_cfg.entity,
+            "group": wandb_cfg.group, "tags": list(wandb_cfg.tags) or None, "mode": mode}
+
+
 class MetricLogger:
     """Rank 0 prints one line per log step and appends JSON records to `metrics.jsonl`."""
 
@@ -77,9 +87,9 @@ class MetricLogger:
                 import wandb  # type: ignore
             except ImportError as e:
                 raise ValueError("wandb.enabled=true but wandb is not installed: pip install -e '.[wandb]'") from e
-            os.environ.setdefault("WANDB_MODE", wandb_cfg.mode)
-            self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, dir=str(out_dir),
-                                    config=run_config, mode=wandb_cfg.mode)
+            mode = wandb_settings(wandb_cfg)["mode"]
+            if mode != "disabled":
+                self.wandb = wandb.init(dir=str(out_dir), config=run_config, **wandb_settings(wandb_cfg))
 
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
         if not self.enabled:
