@@ -22,6 +22,7 @@ setup(
         "hydra-core>=1.3",
         "omegaconf>=2.3",
         "matplotlib>=3.7",
+        "tqdm>=4.60",  # progress bars of long conversions (merge, branch, remove-expert, import/export)
     ],
     extras_require={
         # dev runs every test: HF parity, submitit sweeps, DeepSpeed ZeRO on CPU gloo, DP-SGD

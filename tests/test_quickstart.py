@@ -1,6 +1,7 @@
 """The quickstart end to end at toy size: every lifecycle step runs in its own process and the
 report has every row, on every eval domain, with finite numbers."""
 
+import importlib.util
 import json
 import math
 
@@ -38,6 +39,10 @@ def test_quickstart_small(tmp_path):
     # the default merge routes by n-gram profile (every owner's router-embed made one)
     assert report["routing"] == "anchor_ngram"
     assert "merged[routing=topk]" in report["perplexity"]
+    # the export-hf release run by transformers (trust_remote_code) computes the merged model
+    if importlib.util.find_spec("transformers") is not None:
+        for d, v in report["perplexity"]["merged"].items():
+            assert math.isclose(report["perplexity"]["merged[hf-release]"][d], v, rel_tol=1e-5), d
     assert set(report["routing_quality"]["expert_ratio"]) == set(cfg.domains)
     # attribution per eval domain: shares over owners sum to 1, and opted-in owners get credit
     for d, row in report["attribution"].items():

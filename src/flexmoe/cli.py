@@ -1,7 +1,7 @@
 """The `flexmoe` command: one subcommand per lifecycle step.
 
     flexmoe prepare-data FILES... --out DIR [--tokenizer bytes|DIR] [--format lm|sft]
-    flexmoe train [Hydra overrides: out_dir=... data.train.code.path=... stage=expert_anchor ...]
+    flexmoe train [Hydra overrides: out_dir=... +data.train.code=DIR stage=expert_anchor ...]
     flexmoe router-embed --model DIR --data DIR --out FILE [--public] [--embedder PATH]
     flexmoe branch PUBLIC OUT [--router-embedding FILE]
     flexmoe package TRAINED OUT --owner NAME --domain NAME [--licence L]
@@ -15,6 +15,8 @@
     flexmoe generate MODEL --prompt TEXT [--attribution]  (with consent: --use commercial)
     flexmoe audit-extraction --data DIR --merged M --expert E --public P
     flexmoe consent MODEL                (the owners, their licences, uses and expiry)
+
+    flexmoe --debug CMD ...              (a user error shows its traceback, as FLEXMOE_DEBUG=1 does)
 """
 
 from __future__ import annotations
@@ -26,8 +28,22 @@ from flexmoe.commands import COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: dispatch to a subcommand; user errors become one line on stderr and exit 2."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point: dispatch to a subcommand; user errors become one line on stderr and exit 2.
+
+    `flexmoe --debug CMD ...` (or FLEXMOE_DEBUG=1) keeps the traceback of a user error."""
+    from flexmoe.commands.errors import EXIT_USER_ERROR, debug_enabled, user_error_message
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--debug":
+        before = os.environ.get("FLEXMOE_DEBUG")
+        os.environ["FLEXMOE_DEBUG"] = "1"  # subcommands (Hydra's train) and their workers see it too
+        try:
+            return main(argv[1:])
+        finally:  # an in-process caller (tests) gets its environment back
+            if before is None:
+                os.environ.pop("FLEXMOE_DEBUG", None)
+            else:
+                os.environ["FLEXMOE_DEBUG"] = before
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -41,16 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] not in COMMANDS:
         print(f"flexmoe: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     cmd = COMMANDS[argv[0]]  # imports only this command's module (and torch only if it needs it)
+    from flexmoe.io.progress import output_settings
+
     try:
-        return cmd(argv[1:])
-    except (ValueError, FileNotFoundError, KeyError) as e:  # CheckpointError and DataError are ValueErrors
-        if os.environ.get("FLEXMOE_DEBUG"):
+        with output_settings():  # a command's --quiet ends with it (in-process callers: tests)
+            return cmd(argv[1:])
+    except Exception as e:  # noqa: BLE001  (sorted below: a user's error or a bug)
+        msg = user_error_message(e)
+        if msg is None or debug_enabled():
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"flexmoe {argv[0]}: error: {msg}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -90,6 +90,53 @@ def test_progress_line():
     assert buf.getvalue().splitlines()[-1] == "[flexmoe] export-hf m: done, 4.0 MB in 4.0s (1.0 MB/s)"
 
 
+def test_progress_shard_lines_quiet_and_tqdm_on_a_terminal():
+    clock = iter([0.0, 2.0, 4.0, 5.0]).__next__
+    buf = io.StringIO()
+    p = Progress("merge 6 packages", 4_000_000, stream=buf, clock=clock, log_every=10.0)
+    p.advance(2_000_000)  # t=2: no line yet (a log gets one per shard, or every 10 s)
+    assert buf.getvalue() == ""
+    p.shard_done("model-00001-of-00002.safetensors", 1, 2)  # t=4
+    assert buf.getvalue().splitlines() == ["[flexmoe] merge 6 packages: 2.0 MB / 4.0 MB (50%), 500.0 KB/s, ETA 4s "
+                                           "[shard 1/2 model-00001-of-00002.safetensors]"]
+    quiet = io.StringIO()
+    q = Progress("merge", 10, stream=quiet, quiet=True)
+    q.advance(5), q.shard_done("x", 1, 2), q.finish("done")
+    assert quiet.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    t = Progress("merge", 3_000_000, stream=term)
+    t.advance(1_500_000)
+    assert t._bar is not None and t._bar.n == 1_500_000  # a tqdm bar: bytes, rate and ETA
+    t.finish("done")
+    shown = term.getvalue()
+    assert "\r[flexmoe] merge:" in shown and "/3.00M [" in shown and "B/s]" in shown, shown  # redrawn in place
+    assert shown.rstrip().split("\r")[-1].startswith("[flexmoe] merge: done, 1.5 MB in ")
+
+
+def test_quiet_flag_silences_a_sharded_merge(tmp_path):
+    from flexmoe.cli import main
+    from helpers import make_packages, make_public
+
+    public = make_public(tmp_path)
+    pkgs = make_packages(tmp_path, public, ["a", "b"])
+    err = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stderr(err):
+        assert main(["merge", str(public), *map(str, pkgs), "--out", str(tmp_path / "m"), "--max-shard-size", "20KB",
+                     "--quiet"]) == 0
+        assert main(["merge", str(public), *map(str, pkgs), "--out", str(tmp_path / "m2"), "--max-shard-size", "20KB"]) == 0
+    lines = err.getvalue().splitlines()
+    shards = len(list((tmp_path / "m2").glob("model-*.safetensors")))
+    assert shards > 3 and len([x for x in lines if "[shard " in x]) == shards, lines  # only the second run speaks
+    assert lines[-1].startswith("[flexmoe] merged 2 packages") and len(lines) == shards + 2
+
+
 CHILD = textwrap.dedent("""
     import sys
     from flexmoe.convert.hf_export import export_hf

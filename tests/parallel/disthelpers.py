@@ -54,18 +54,28 @@ def _entry(fn, rank: int, world_size: int, port: int, queue, timeout: float, bac
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 180,
-                    backend: str = "gloo") -> list[Any]:
+                    backend: str = "gloo", spawn_env: dict[str, str] | None = None) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` ranks; returns each rank's result.
 
-    nccl ranks are spawned, not forked (CUDA cannot be used in a forked child); `fn` must then
-    be importable from its module."""
-    ctx = mp.get_context("spawn" if backend == "nccl" else "fork")
+    nccl ranks are spawned, not forked (CUDA cannot be used in a forked child), and so are ranks
+    given `spawn_env` (environment read once at start-up, e.g. by torch's or glibc's allocator);
+    `fn` must then be importable from its module."""
+    ctx = mp.get_context("spawn" if backend == "nccl" or spawn_env is not None else "fork")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, timeout - 5, backend, args))
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in spawn_env or {}}
+    os.environ.update(spawn_env or {})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     results: dict[int, Any] = {}
     errors: list[str] = []
     deadline = time.monotonic() + timeout

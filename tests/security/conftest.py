@@ -85,3 +85,9 @@ def assert_refused(r: Result, names: str | list[str], dest: Path | None = None, 
         assert snapshot(dest) == before, f"{dest} was written or changed"
         leftovers = [p.name for p in Path(dest).parent.glob(f".{Path(dest).name}.*")] if Path(dest).parent.exists() else []
         assert not leftovers, f"temporary files left beside {dest}: {leftovers}"
+
+
+# Test modules import the helpers above as `from security_harness import assert_refused, snapshot`:
+# every test folder has a `conftest`, so `from conftest import ...` gets whichever was loaded last
+# when several folders run in one session.
+sys.modules.setdefault("security_harness", sys.modules[__name__])

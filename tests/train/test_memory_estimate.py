@@ -127,8 +127,12 @@ def test_over_budget_layout_is_refused_naming_the_settings():
 
 def test_train_refuses_before_allocating(tmp_path):
     """`flexmoe train` with a budget below the estimate stops with one line and exit code 2."""
+    (tmp_path / "t.txt").write_text("some text to train on. " * 200)
+    prep = subprocess.run([sys.executable, "-m", "flexmoe.cli", "prepare-data", str(tmp_path / "t.txt"), "--out",
+                           str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "flexmoe.cli", "train", f"out_dir={tmp_path / 'run'}", "model=tiny",
-                        "trainer.device_memory_gib=0.0001", "+data.train.x=/nonexistent"],
+                        "trainer.device_memory_gib=0.0001", f"+data.train.x={tmp_path / 'data'}", "data.seq_len=32"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "trainer.device_memory_gib=0.0001" in r.stderr.strip().splitlines()[-1]

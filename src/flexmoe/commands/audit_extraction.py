@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -12,7 +13,11 @@ def main(argv: list[str]) -> int:
     from flexmoe.train.load import load_model
     from flexmoe.eval.extraction import AuditConfig, audit_models, documents_from_data, format_audit
     from flexmoe.eval.generate import Sampling
+    from flexmoe.commands.inputs import check_data_for_model, require_positive
+    from flexmoe.data import TokenWindows
     from flexmoe.flex.consent import active_mask
+    from flexmoe.io.files import check_disjoint, check_output_file
+    from flexmoe.io.model_dir import read_model_meta
 
     p = argparse.ArgumentParser(prog="flexmoe audit-extraction", description=main.__doc__)
     p.add_argument("--data", required=True, help="the owner's own documents: a `flexmoe prepare-data` directory")
@@ -36,6 +41,15 @@ def main(argv: list[str]) -> int:
         p.error("give at least one of --merged, --expert, --public")
     if a.owner and not a.merged:
         p.error("--owner names an expert of the --merged model")
+    require_positive(p, a, "--max-docs")
+    for flag, value in (("--temperature", a.temperature), ("--top-p", a.top_p), ("--threshold", a.threshold)):
+        if not math.isfinite(value):
+            p.error(f"{flag} {value}: must be a finite number")
+    if a.samples < 0:
+        p.error(f"--samples {a.samples}: must be >= 0")
+    if a.out:
+        check_disjoint(a.out, [a.data, a.merged, a.expert, a.public], "--out")
+        check_output_file(a.out, "--out")
     strategies = [] if a.no_greedy else [Sampling(greedy=True)]
     if a.samples > 0:
         strategies.append(Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, num_samples=a.samples))
@@ -54,6 +68,11 @@ def main(argv: list[str]) -> int:
         models["expert"] = (load_model(a.expert)[0], None)
     if a.public:
         models["public"] = (load_model(a.public)[0], None)
+    windows = TokenWindows(a.data, 1)
+    for name, model_dir in (("merged", a.merged), ("expert", a.expert), ("public", a.public)):
+        if model_dir:
+            model_cfg = models[name][0].cfg
+            check_data_for_model(windows, model_cfg, read_model_meta(model_dir), model_dir, "--data")
     report = audit_models(models, documents_from_data(a.data), cfg)
     print(format_audit(report))
     if a.out:

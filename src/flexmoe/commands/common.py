@@ -24,6 +24,52 @@ def add_consent_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expires", help="last day of consent, YYYY-MM-DD (default: no expiry)")
 
 
+def add_verify_argument(p: argparse.ArgumentParser) -> None:
+    """`--no-verify`: skip the sha256 and per-expert tensor hash checks of the inputs (the one switch
+    for users who verified them already); read the result with `verify_inputs`."""
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the inputs' sha256 and per-expert tensor_sha256 checks (you verified them already); "
+                        "schemas, shapes and values are checked either way")
+
+
+def verify_inputs(a: argparse.Namespace, command: str, *inputs: str) -> bool:
+    """The parsed `--no-verify` as a bool; when checks are skipped, says so on stderr, naming the inputs."""
+    if not a.verify:
+        from flexmoe.io.log import get_logger
+
+        get_logger(__name__).warning(f"{command} --no-verify: sha256 and tensor_sha256 checks skipped for "
+                                     f"{', '.join(map(str, inputs))}")
+    return a.verify
+
+
+def add_writer_arguments(p: argparse.ArgumentParser, shards: bool = True) -> None:
+    """`--max-shard-size` (native model outputs: one model.safetensors unless given) and `--quiet`
+    (no progress bar or lines); read them with `writer_options`."""
+    if shards:
+        p.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                       help="write the weights as shards of at most SIZE (e.g. 5GB, 500MB, 2GiB) with "
+                            "model.safetensors.index.json, as Hugging Face does (default: one model.safetensors)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr")
+
+
+def writer_options(a: argparse.Namespace) -> dict:
+    """Apply `--quiet` (progress and info lines off) and return {"max_shard_size": ...} when the
+    command takes it (a malformed size is refused here, before any input is read)."""
+    if getattr(a, "quiet", False):
+        import logging
+
+        from flexmoe.io.progress import set_quiet
+
+        set_quiet(True)
+        logging.getLogger("flexmoe").setLevel(logging.WARNING)
+    if not hasattr(a, "max_shard_size"):
+        return {}
+    from flexmoe.io.native import parse_size
+
+    parse_size(a.max_shard_size)
+    return {"max_shard_size": a.max_shard_size}
+
+
 def add_selection_arguments(p: argparse.ArgumentParser) -> None:
     """`--opt-out`, `--use` and `--date`: which experts of a merged model take part."""
     p.add_argument("--opt-out", default="", help="comma-separated owners or domains to switch off")
@@ -31,11 +77,12 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--date", help="the date consent is checked for (default: today, UTC)")
 
 
-def load_selected(model_dir: str, a: argparse.Namespace):
+def load_selected(model_dir: str, a: argparse.Namespace, verify: bool = True):
     """(model, cfg, meta, expert mask) for the experts the parsed selection arguments allow."""
     from flexmoe.flex.consent import load_for_use
 
-    return load_for_use(model_dir, use=a.use, opt_out=[o for o in a.opt_out.split(",") if o], today=a.date)
+    return load_for_use(model_dir, use=a.use, opt_out=[o for o in a.opt_out.split(",") if o], today=a.date,
+                        verify=verify)
 
 
 def model_tokenizer(model_dir: str, meta: dict, override: str | None):

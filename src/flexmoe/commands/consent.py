@@ -10,24 +10,31 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     """`flexmoe consent`: show a merged model's (or a package's) consent registry; with --use, who is active."""
-    from flexmoe.io.model_dir import load_model_dir, read_json
-    from flexmoe.flex.consent import consent_mask, consent_rows, verify_expert_hashes
+    from flexmoe.commands.common import add_verify_argument, verify_inputs
+    from flexmoe.flex.consent import consent_mask, consent_rows
+    from flexmoe.flex.package import read_package
+    from flexmoe.io.native import open_native
 
     p = argparse.ArgumentParser(prog="flexmoe consent", description=main.__doc__)
     p.add_argument("path", help="merged model directory, or an expert package directory")
     p.add_argument("--use", help="show which experts a request for this use activates")
     p.add_argument("--date", help="the date consent is checked for (default: today, UTC)")
     p.add_argument("--json", action="store_true")
+    add_verify_argument(p)
     a = p.parse_args(argv)
     path = Path(a.path)
-    if (path / "manifest.json").is_file():  # an expert package
-        m = read_json(path / "manifest.json")
+    verify = verify_inputs(a, "consent", path)
+    if (path / "manifest.json").exists():  # an expert package: the manifest and its files checked like merge does
+        m, _ = read_package(path, verify)
         experts, checked = [dict(m, slot=1)], None
+        if a.use:
+            consent_mask(experts, a.use, a.date)  # validates the use name
         rows = consent_rows([{"owner": "public", "domain": "public"}] + experts, a.use, a.date)[1:]
     else:
-        cfg, sd, meta = load_model_dir(path)
+        # Streaming: file sha256s and every expert's tensor_sha256, without loading the weights.
+        cfg, _, meta = open_native(path, verify=verify)
         experts = meta.get("experts") or []
-        checked = verify_expert_hashes(sd, meta, cfg.num_layers, path) if cfg.is_moe else 0
+        checked = sum(bool(e.get("tensor_sha256")) for e in experts) if verify and cfg.is_moe else 0
         if a.use:
             consent_mask(experts, a.use, a.date)  # validates the use name
         rows = consent_rows(experts, a.use, a.date)

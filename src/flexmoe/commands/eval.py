@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from flexmoe.commands.common import name_eq_value
+from flexmoe.commands.common import add_verify_argument, name_eq_value, verify_inputs
+from flexmoe.commands.inputs import check_data_for_model, finite_or_none, require_positive
 
 
 def main(argv: list[str]) -> int:
@@ -29,13 +31,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--domain-embedding", action="append", default=[], metavar="NAME=FILE",
                    help="an expert's (or public's) router-embed --embedder output, for --route-embedder")
     p.add_argument("--route-chunk", type=int, default=32, help="tokens per routing decision of --route-embedder")
+    add_verify_argument(p)
     a = p.parse_args(argv)
-    model, cfg, meta = load_model(a.model)
+    require_positive(p, a, "--seq-len", "--num-windows", "--route-chunk")
+    model, cfg, meta = load_model(a.model, verify=verify_inputs(a, "eval", a.model))
     model.eval()
     data = {}
     for item in a.data:
         d, path = name_eq_value(item, "--data", p)
+        if not d or d in data:
+            p.error(f"--data {item!r}: {'a domain name is empty' if not d else f'domain {d!r} given twice'}")
         data[d] = TokenWindows(path, a.seq_len)
+        check_data_for_model(data[d], cfg, meta, a.model, f"--data {d}", seq_len=a.seq_len)
     router = None
     if a.route_embedder:
         from flexmoe.data import load_tokenizer
@@ -54,5 +61,12 @@ def main(argv: list[str]) -> int:
     if a.soup and cfg.is_moe:
         s = soup_model(model)
         rows["soup"] = {d: perplexity(model_logprobs(s), w, a.num_windows) for d, w in data.items()}
-    print(json.dumps({"perplexity": rows}, indent=1))
+    # nan/inf (a model whose outputs overflow) is not JSON: reported as null, and said on stderr
+    bad = [f"{row}/{d}={v}" for row, r in rows.items() for d, v in r.items() if finite_or_none(v) is None]
+    rows = {row: {d: finite_or_none(v) for d, v in r.items()} for row, r in rows.items()}
+    print(json.dumps({"perplexity": rows}, indent=1, allow_nan=False))
+    if bad:
+        print(f"flexmoe eval: error: {a.model}: perplexity not finite ({', '.join(bad)}; reported as null): the "
+              "model's outputs overflow; check its weights", file=sys.stderr)
+        return 2
     return 0

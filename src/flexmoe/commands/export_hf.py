@@ -7,6 +7,7 @@ import argparse
 
 def main(argv: list[str]) -> int:
     """`flexmoe export-hf`: native model directory (public, anchor or merged) -> Hugging Face directory."""
+    from flexmoe.commands.common import add_verify_argument, add_writer_arguments, verify_inputs, writer_options
     from flexmoe.convert.hf_export import EXPORT_DTYPES, export_hf
 
     p = argparse.ArgumentParser(prog="flexmoe export-hf", description=main.__doc__)
@@ -15,6 +16,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="cast floating tensors (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    add_verify_argument(p)
+    add_writer_arguments(p, shards=False)
     a = p.parse_args(argv)
-    print(export_hf(a.src, a.dst, max_shard_size=a.max_shard_size, dtype=a.dtype, overwrite=a.overwrite))
+    writer_options(a)
+    verify = verify_inputs(a, "export-hf", a.src)
+    print(export_hf(a.src, a.dst, max_shard_size=a.max_shard_size, dtype=a.dtype, overwrite=a.overwrite,
+                    verify=verify))
     return 0

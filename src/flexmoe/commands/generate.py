@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import math
 
-from flexmoe.commands.common import add_selection_arguments, load_selected, model_tokenizer
+from flexmoe.commands.common import (add_selection_arguments, add_verify_argument, load_selected, model_tokenizer,
+                                     verify_inputs)
+from flexmoe.commands.inputs import read_text_arg, require_positive
 
 
 def main(argv: list[str]) -> int:
@@ -33,15 +35,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--tokenizer", help="override the tokenizer recorded in flexmoe.json (bytes or a directory)")
     add_selection_arguments(p)
+    add_verify_argument(p)
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
-    model, cfg, meta, mask = load_selected(a.model, a)
+    require_positive(p, a, "--num-samples")
+    for flag, value in (("--temperature", a.temperature), ("--top-p", a.top_p)):
+        if not math.isfinite(value):
+            p.error(f"{flag} {value}: must be a finite number")
+    text = a.prompt if a.prompt is not None else read_text_arg(a.prompt_file, "--prompt-file")
+    model, cfg, meta, mask = load_selected(a.model, a, verify=verify_inputs(a, "generate", a.model))
     tok = model_tokenizer(a.model, meta, a.tokenizer)
-    text = a.prompt if a.prompt is not None else Path(a.prompt_file).read_text()
     ids = tok.encode(text)
     if not ids:
         raise ValueError("--prompt: the prompt is empty after tokenisation; give some text")
+    if max(ids) >= cfg.vocab_size:
+        which = "--tokenizer" if a.tokenizer else f"the tokenizer in {a.model}/flexmoe.json"
+        raise ValueError(f"{which}: the prompt holds token id {max(ids)}, outside {a.model}'s vocab_size "
+                         f"{cfg.vocab_size}; use the tokenizer the model was trained with")
     prompt = torch.tensor([ids])
     sampling = Sampling(greedy=a.greedy, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                         num_samples=a.num_samples)

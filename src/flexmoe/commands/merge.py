@@ -8,6 +8,7 @@ import argparse
 def main(argv: list[str]) -> int:
     """`flexmoe merge`: public model + expert packages -> one (N+1)-expert model."""
     from flexmoe.config.model import ROUTINGS
+    from flexmoe.commands.common import add_verify_argument, add_writer_arguments, verify_inputs, writer_options
     from flexmoe.flex.merge import merge
 
     p = argparse.ArgumentParser(prog="flexmoe merge", description=main.__doc__)
@@ -25,7 +26,11 @@ def main(argv: list[str]) -> int:
                    help="rescale router rows at merge time (see flex/merge.py ROW_TRANSFORMS)")
     p.add_argument("--router-cosine-temp", type=float, default=0.0, metavar="T",
                    help="route by cosine similarity of hidden state and row over temperature T (0: dot product)")
+    add_verify_argument(p)
+    add_writer_arguments(p)
     a = p.parse_args(argv)
+    opts = writer_options(a)
+    verify = verify_inputs(a, "merge", a.public, *a.packages)
     merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing,
-          shared=a.shared, router_rows=a.router_rows, router_cosine_temp=a.router_cosine_temp)
+          shared=a.shared, router_rows=a.router_rows, router_cosine_temp=a.router_cosine_temp, verify=verify, **opts)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
@@ -32,12 +31,24 @@ def main(argv: list[str]) -> int:
     if a.format == "sft":
         return _prepare_sft(a)
     if a.train_bpe:
-        texts = (Path(f).read_text(errors="replace") for f in a.inputs)
+        from flexmoe.data.documents import expand_inputs
+        from flexmoe.io.files import check_disjoint, check_output_dir
+
+        if a.tokenizer == "bytes":
+            p.error("--train-bpe saves the tokenizer it trains to --tokenizer DIR; give that directory")
+        if a.train_bpe < 258:
+            p.error(f"--train-bpe {a.train_bpe}: below 258 (256 bytes + end-of-text + padding); raise it")
+        # Checked before the tokenizer is written, so a refusal leaves nothing behind; the tokenizer
+        # must not land in the inputs or the output either.
+        check_disjoint(a.out, a.inputs, "--out")
+        check_output_dir(a.out, a.overwrite, "--overwrite")
+        check_disjoint(a.tokenizer, [*a.inputs, a.out], "--tokenizer (where --train-bpe saves)")
+        texts = (f.read_text(errors="replace") for f in expand_inputs(a.inputs))
         tok = train_bpe(texts, a.train_bpe, a.tokenizer)
     else:
         tok = load_tokenizer(a.tokenizer)
     m = prepare_data(a.inputs, a.out, tok, dtype=a.dtype, domain=a.domain, text_field=a.text_field,
-                     overwrite=a.overwrite)
+                     overwrite=a.overwrite, overwrite_flag="--overwrite")
     print(f"{a.out}: {m['num_tokens']:,} tokens in {len(m['shards'])} shard(s), dtype {m['dtype']}")
     return 0
 
@@ -52,7 +63,7 @@ def _prepare_sft(a: argparse.Namespace) -> int:
                                  ("--text-field", a.text_field, "text"), ("--domain", a.domain, None)):
         if value != default:
             raise ValueError(f"{flag} does not apply to --format sft; drop it")
-    m = prepare_sft(a.inputs, a.out, load_tokenizer(a.tokenizer), overwrite=a.overwrite)
+    m = prepare_sft(a.inputs, a.out, load_tokenizer(a.tokenizer), overwrite=a.overwrite, overwrite_flag="--overwrite")
     print(f"{a.out}: {m['num_examples']:,} chat examples, {m['num_tokens']:,} tokens "
           f"({m['num_trained_tokens']:,} trained)")
     return 0

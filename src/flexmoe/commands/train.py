@@ -13,6 +13,7 @@ def main(argv: list[str]) -> int:
     import hydra
     from omegaconf import OmegaConf
 
+    from flexmoe.commands.errors import debug_enabled, user_error_message
     from flexmoe.config.store import register
     from flexmoe.config.train import as_run_config
 
@@ -20,12 +21,15 @@ def main(argv: list[str]) -> int:
     if "--dry-run" in argv:
         argv = [a for a in argv if a != "--dry-run"] + ["dry_run=true"]
     result: dict = {}
+    existed = _outputs_existing_before(argv)
+    held = _HeldStderr(sys.stderr)
 
     @hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)
     def _main(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        held.release()  # the config composed: from here on everything goes straight to stderr
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:  # a sweep: each job trains in its own numbered directory
             cfg.out_dir = hc.runtime.output_dir
@@ -34,8 +38,9 @@ def main(argv: list[str]) -> int:
             # refused before torch is even imported, and nothing below reads a Hydra node.
             run = as_run_config(cfg)
         except ValueError as e:
-            print(f"flexmoe train: error: {str(e).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+            if debug_enabled():
+                raise
+            _refuse(e, str(cfg.out_dir), existed)
 
         try:
             if run.dry_run:
@@ -51,11 +56,10 @@ def main(argv: list[str]) -> int:
             from flexmoe.train.trainer import train
 
             out = train(run)
-        except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, not a traceback
-            if os.environ.get("FLEXMOE_DEBUG"):
+        except Exception as e:  # noqa: BLE001  a user's mistake: one line, not a traceback; a bug: re-raised
+            if user_error_message(e) is None or debug_enabled():
                 raise
-            print(f"flexmoe train: error: {str(e).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+            _refuse(e, run.out_dir, existed)
         result.update(out)
         if int(os.environ.get("RANK", "0")) != 0:  # one summary per run, not per rank
             return
@@ -64,8 +68,131 @@ def main(argv: list[str]) -> int:
             "flops_per_token", "memory_estimate_gib")}, indent=1))
 
     sys.argv = ["flexmoe train"] + argv
-    _main()
+    sys.stderr = held  # Hydra's own refusal of an override is collected until the job starts
+    try:
+        _main()
+    except SystemExit as e:
+        if e.code == 1 and held.held:  # Hydra refused the overrides or the config (its exit code 1)
+            sys.stderr = held.real
+            return _report_hydra_error(held.take(), argv)
+        raise
+    finally:
+        sys.stderr = held.real
+        held.release()
     return 0
+
+
+class _HeldStderr:
+    """stderr that holds what is written until `release()` (then passes everything through)."""
+
+    def __init__(self, real) -> None:
+        self.real, self.parts, self.held = real, [], True
+
+    def write(self, text: str) -> int:
+        if self.held:
+            self.parts.append(text)
+            return len(text)
+        return self.real.write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def take(self) -> str:
+        text, self.parts, self.held = "".join(self.parts), [], False
+        return text
+
+    def release(self) -> None:
+        if self.held:
+            text = self.take()
+            if text:
+                self.real.write(text)
+
+    def __getattr__(self, name: str):
+        if name == "real":  # not yet set (an object being unpickled): never recurse
+            raise AttributeError(name)
+        return getattr(self.real, name)
+
+    # A sweep launcher (submitit) pickles the job function and with it this object: the copy
+    # in the job writes straight to that process's own stderr.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.real, self.parts, self.held = sys.__stderr__, [], False
+
+
+def _unparsable_override(argv: list[str]) -> str | None:
+    """The first command-line override Hydra's grammar rejects (its message does not name it)."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+    except Exception:  # noqa: BLE001  (only a nicer message is lost)
+        return None
+    for a in argv:
+        if a.startswith("-"):
+            continue
+        try:
+            parser.parse_overrides([a])
+        except Exception:  # noqa: BLE001  (Hydra's OverrideParseException and the like)
+            return a
+    return None
+
+
+def _report_hydra_error(text: str, argv: list[str]) -> int:
+    """Hydra's message about a bad override, unknown key or missing config group, without its
+    HYDRA_FULL_ERROR hint, then one line that names the setting; exit code 2 like every user error."""
+    import re
+
+    from flexmoe.commands.errors import EXIT_USER_ERROR
+
+    if "Traceback (most recent call last)" in text:  # not a refused override: a bug, shown as Hydra printed it
+        sys.stderr.write(text)
+        return 1
+    lines = [ln.rstrip() for ln in text.splitlines() if "HYDRA_FULL_ERROR" not in ln]
+    while lines and not lines[-1]:
+        lines.pop()
+    if lines:
+        sys.stderr.write("\n".join(lines) + "\n")
+    skip = ("Available options", "Config search path", "See https://", "provider=", "To append to your config")
+    said = [ln.strip().rstrip(".") for ln in lines
+            if ln.strip() and not ln.startswith((" ", "\t")) and not ln.startswith(skip)]
+    key = re.search(r"full_key: (\S+)", text)
+    summary = "; ".join(said[:2]) or "Hydra refused the command line"
+    if key and key.group(1) not in summary:
+        summary += f" ({key.group(1)})"
+    bad = _unparsable_override(argv)
+    if bad is not None and bad not in summary:
+        summary += f" (in the override {bad!r})"
+    print(f"flexmoe train: error: {summary}; fix or drop that override (`flexmoe train --help` lists the settings)",
+          file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _outputs_existing_before(argv: list[str]) -> dict[str, bool]:
+    """resolved out_dir -> whether it existed before this run (for the ones the command line or the
+    default names), so a refused run removes only a directory it created itself."""
+    from flexmoe.config.train import RunConfig
+
+    paths = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("out_dir=")] + [RunConfig.out_dir]
+    return {str(Path(p).resolve()): Path(p).exists() for p in paths if p}
+
+
+def _refuse(e: BaseException, out_dir: str, existed: dict[str, bool]) -> None:
+    """One line for a user's mistake, exit 2, and nothing left behind: Hydra's record of the
+    refused run (.hydra/, train.log) goes, with the output directory if this run created it."""
+    import shutil
+
+    from flexmoe.commands.errors import EXIT_USER_ERROR, user_error_message
+
+    out = Path(out_dir)
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(out / ".hydra", ignore_errors=True)
+        (out / "train.log").unlink(missing_ok=True)
+        if existed.get(str(out.resolve())) is False and not any(out.iterdir()):
+            out.rmdir()
+    print(f"flexmoe train: error: {user_error_message(e) or e}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def load_config_of(model_dir: str):

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -16,6 +18,14 @@ NATIVE_BUFFERS = ("domain_centroids", "domain_ngrams")
 # at their default, so an older flexmoe (which refuses keys it does not know) still reads every
 # model that does not use the feature. Their defaults must never change meaning.
 FEATURE_DEFAULTS = {"routing": "topk", "doc_ngram_buckets": 0, "router_cosine_temp": 0.0}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -80,6 +90,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Refuse impossible shapes with an error naming the setting."""
+        self._validate_types()
         checks = [
             (self.num_heads > 0, "model.num_heads must be positive"),
             (self.head_dim is not None or self.d_model % self.num_heads == 0,
@@ -103,6 +114,41 @@ class ModelConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    def _validate_types(self) -> None:
+        """Types and ranges of single settings first: a size of -32, 1.5 or "64" is refused here,
+        naming it, instead of failing inside torch (or dividing by zero in the checks below)."""
+        def bad(name: str, want: str) -> ValueError:
+            return ValueError(f"model.{name}={getattr(self, name)!r} must be {want}")
+
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "a positive integer")
+        for name in ("num_kv_heads", "head_dim"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise bad(name, "a positive integer or null")
+        for name in ("num_experts", "top_k", "doc_ngram_buckets"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0")
+        for name in ("rope_theta", "norm_eps"):
+            if not _is_real(getattr(self, name)) or not getattr(self, name) > 0:
+                raise bad(name, "a finite number > 0")
+        for name in ("init_std", "router_cosine_temp", "lb_loss_weight", "z_loss_weight"):
+            if not _is_real(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "a finite number >= 0")
+        for name in ("norm_topk_prob", "router_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        for name in ("routing", "attn_impl", "moe_impl", "norm_impl"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "a string")
+        for name in ("pad_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not _is_int(v):
+                raise bad(name, "null or an integer token id")
+        if not isinstance(self.extra, dict):
+            raise bad("extra", "an object")
 
     # --- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

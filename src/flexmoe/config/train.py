@@ -1,6 +1,7 @@
 """Run configuration: typed dataclasses that Hydra validates (types and unknown keys) before any
 process starts."""
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, TypeVar
@@ -62,6 +63,9 @@ class TrainerConfig:
     eval_batches: int = 8
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
+    # Checkpoints hold trainable tensors only: frozen ones are rebuilt from init_from (checked on
+    # resume). True writes them too (a checkpoint that stands without init_from).
+    checkpoint_frozen: bool = False
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
     stop_after: int = 0  # >0: checkpoint and stop after this many steps of this run (time-sliced jobs)
     preempt_signal: str = "SIGUSR1"  # finish the step, checkpoint, requeue (SLURM --signal); "" disables
@@ -104,7 +108,7 @@ class PrivacyConfig:
     delta: float = 1e-5  # must be below 1 / number of training windows
     target_epsilon: float = 0.0  # > 0: stop before the step that would exceed it
     sampling_rate: float = 0.0  # Poisson rate q; 0: data.batch_size / number of windows
-    accountant: str = "rdp"  # rdp (built in) | prv (opacus' PRV accountant, extra `dp`)
+    accountant: str = "rdp"  # opacus' rdp (Renyi DP) | prv (privacy loss random variables); extra `dp`
     # None draws the noise and sampling seed from os.urandom. A fixed seed makes runs repeatable
     # but lets anyone who knows it subtract the noise: tests only, never for a released expert.
     noise_seed: Optional[int] = None
@@ -153,6 +157,7 @@ class RunConfig:
             raise ValueError(f"stage.freeze={self.stage.freeze!r} is not one of {', '.join(FREEZE_PLAN_NAMES)}")
         if self.data.format not in DATA_FORMATS:
             raise ValueError(f"data.format={self.data.format!r} is not one of {', '.join(DATA_FORMATS)}")
+        self._check_ranges()
         if self.privacy.enabled:
             self.privacy.validate()
         # The world size torchrun or SLURM launched (1 for a plain process): the layout is checked
@@ -162,6 +167,49 @@ class RunConfig:
         self.parallel.check_world(int(os.environ.get("WORLD_SIZE", "1") or 1))
         if self.init_from is None:
             self.parallel.check_ep(self.model)
+
+    def _check_ranges(self) -> None:
+        """Numbers a run cannot use: `trainer.steps=-5` wrote an untrained final/, a seq_len past
+        the model's positions trained silently. The model's own sizes are ModelConfig's to check."""
+        t, d, o = self.trainer, self.data, self.optim
+        checks = [
+            (t.steps >= 1, f"trainer.steps={t.steps} must be >= 1 (optimizer steps to train)"),
+            (t.grad_accum >= 1, f"trainer.grad_accum={t.grad_accum} must be >= 1"),
+            (t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1"),
+            (t.eval_every >= 0, f"trainer.eval_every={t.eval_every} must be >= 0 (0: only at the end)"),
+            (t.eval_batches >= 1, f"trainer.eval_batches={t.eval_batches} must be >= 1"),
+            (t.save_every >= 0, f"trainer.save_every={t.save_every} must be >= 0 (0: only at the end)"),
+            (t.keep_last >= 0, f"trainer.keep_last={t.keep_last} must be >= 0 (0: keep every checkpoint)"),
+            (t.stop_after >= 0, f"trainer.stop_after={t.stop_after} must be >= 0 (0: run to trainer.steps)"),
+            (t.threads >= 0, f"trainer.threads={t.threads} must be >= 0 (0: torch's default)"),
+            (t.dtype in ("fp32", "bf16"), f"trainer.dtype={t.dtype!r} is not fp32|bf16"),
+            (d.seq_len >= 1, f"data.seq_len={d.seq_len} must be >= 1"),
+            (d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1"),
+            (all(math.isfinite(w) and w >= 0 for w in d.weights.values()),
+             f"data.weights={dict(d.weights)} must all be finite and >= 0"),
+            (all(isinstance(v, str) and v for v in [*d.train.values(), *d.val.values()]),
+             "data.train and data.val map each domain to a prepared directory (a non-empty path)"),
+            (0 <= self.stage.public_mix <= 1, f"stage.public_mix={self.stage.public_mix} must be in [0, 1]"),
+            (math.isfinite(o.lr) and o.lr >= 0, f"optim.lr={o.lr} must be finite and >= 0"),
+            (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
+            (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]"),
+            (math.isfinite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
+            (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1={o.beta1}, optim.beta2={o.beta2} must be in [0, 1)"),
+            (math.isfinite(o.eps) and o.eps > 0, f"optim.eps={o.eps} must be > 0"),
+            (math.isfinite(o.grad_clip) and o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0: off)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.init_from is None:  # with init_from, the trainer checks against the loaded model's config
+            check_seq_len(d.seq_len, self.model, "model")
+
+
+def check_seq_len(seq_len: int, model: ModelConfig, where: str) -> None:
+    """Refuse data.seq_len above the model's max_seq_len (its positions were never meant to go there)."""
+    if seq_len > model.max_seq_len:
+        raise ValueError(f"data.seq_len={seq_len} exceeds {where}.max_seq_len={model.max_seq_len}; lower data.seq_len "
+                         f"(or raise model.max_seq_len for a model trained from scratch)")
 
 
 T = TypeVar("T")

@@ -8,7 +8,6 @@ what HF has no tensor for in flexmoe/ (see extras.py); transformers ignores both
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,64 +15,65 @@ import torch
 
 from flexmoe.io.extras import write_extras
 from flexmoe.convert.hf import hf_config
+from flexmoe.convert.hf_doc import doc_release
 from flexmoe.io.keys import key_pairs
 from flexmoe.io.hf_dir import HF_CONFIG, INDEX, SINGLE, copy_tokenizer
-from flexmoe.io.native import open_native
+from flexmoe.io.native import open_native, parse_size
+from flexmoe.io.shards import plan_shards
 from flexmoe.io.progress import Progress
-from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, CheckpointError, atomic_dir, write_json
+from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, CheckpointError, atomic_dir, refuse_overlap, write_json
 from flexmoe.io.stream import FilePool, LazyTensor, out_dtype, out_nbytes, write_file
 from flexmoe.io.keys import router_bias_key
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' (decimal, as Hugging Face counts), '500MiB' or a plain byte count -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "5GB", dtype: str | None = None,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, verify: bool = True) -> Path:
     """Write the HF directory for the native model at `src` into `dst`.
 
     `dtype` (float32|bfloat16|float16) casts floating tensors; default keeps them as stored.
     Refuses router biases that change routing: FlexOlmo in transformers has no router bias.
+    `verify` False skips the sha256 and tensor_sha256 checks of `src` (the caller ran them).
     """
     src, limit = Path(src), parse_size(max_shard_size)
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     cast = EXPORT_DTYPES.get(dtype) if dtype else None
-    cfg, native, meta = open_native(src)
-    routing = getattr(cfg, "routing", "topk")
-    if cfg.is_moe and routing != "topk":
-        raise CheckpointError(f"{src / CONFIG}: model.routing={routing!r}, but Hugging Face FlexOlmo only routes "
-                              "top-k, so the export would compute something else; merge again with top-k routing")
+    refuse_overlap(dst, [src], "DST")
+    cfg, native, meta = open_native(src, verify=verify)
+    if meta.get("experts") and cast is not None and any(t.dtype.is_floating_point and t.dtype != cast
+                                                        for t in native.values()):
+        # The experts' tensor_sha256 cover their stored bytes; import-hf binds the cast ones afresh.
+        meta = dict(meta, experts=[{k: v for k, v in e.items() if k != "tensor_sha256"}
+                                   for e in meta.get("experts") or []])
+    doc = doc_release(src, cfg)  # anchor_* merges: a release with its own modeling file (hf_doc.py)
+    keep = set(doc.keys) if doc else set()  # tensors written as stored whatever --dtype says
     if cfg.is_moe and cfg.router_cosine_temp > 0:
         raise CheckpointError(f"{src / CONFIG}: model.router_cosine_temp={cfg.router_cosine_temp}, but Hugging Face "
                               "FlexOlmo routes by dot product; merge again without --router-cosine-temp")
     hf = _hf_tensors(cfg, native)
-    shards = _plan_shards(hf, cast, limit)
+    shards = plan_shards([(k, out_nbytes(t, cast)) for k, t in hf.items()], limit) + (doc.add_tensors(hf, native) if doc else [])
     names = [SINGLE] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    total = sum(out_nbytes(t, cast) for t in hf.values())
+    total = sum(out_nbytes(t, None if k in keep else cast) for k, t in hf.items())
     dtype_name = str(out_dtype(hf["model.embed_tokens.weight"], cast)).removeprefix("torch.")
     with FilePool() as pool:
         _check_router_bias(src, cfg, native, pool)
-        with atomic_dir(dst, overwrite=overwrite) as tmp:
+        with atomic_dir(dst, overwrite=overwrite, flag="--overwrite") as tmp:
             progress = Progress(f"export-hf {src.name}", total)
             for name, keys in zip(names, shards):
                 # HF directories record no sha256s, so the output is not hashed (a 2 GB model saves ~1.5 s).
-                write_file(tmp / name, {k: hf[k] for k in keys}, pool, cast=cast, metadata={"format": "pt"},
+                write_file(tmp / name, {k: hf[k] for k in keys}, pool, cast=None if set(keys) <= keep else cast,
+                           metadata={"format": "pt"},
                            progress=progress, digest=False)
             if len(shards) > 1:
                 write_json(tmp / INDEX, {"metadata": {"total_size": total},
                                          "weight_map": dict(sorted((k, n) for n, keys in zip(names, shards) for k in keys))})
             config = hf_config(cfg, torch_dtype=dtype_name)
             config["dtype"] = dtype_name  # transformers 5 reads `dtype`; `torch_dtype` kept for older readers
+            if doc:
+                config = doc.config(config, meta)
+                doc.write_code(tmp)
             write_json(tmp / HF_CONFIG, config)
             write_json(tmp / "generation_config.json", {k: v for k, v in (
                 ("_from_model_config", True), ("eos_token_id", cfg.eos_token_id), ("pad_token_id", cfg.pad_token_id))
@@ -89,23 +89,12 @@ def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "
 
 
 def _hf_tensors(cfg, native: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
-    """HF key -> lazy tensor, ordered by position in the native file so reading is sequential."""
-    pairs = sorted(key_pairs(cfg), key=lambda p: (native[p[0]].spans[0].start, p[1] or 0))
-    return {hf: native[nat] if slot is None else native[nat][slot] for nat, slot, hf in pairs}
-
-
-def _plan_shards(hf: dict[str, LazyTensor], cast, limit: int) -> list[list[str]]:
-    """Greedy: a shard takes tensors in order until the next would pass `limit` (a bigger tensor gets its own)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for k, t in hf.items():
-        n = out_nbytes(t, cast)
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += n
-    return shards
+    """HF key -> lazy tensor, ordered by position in the native weights (shard, then offset) so reading
+    is sequential, and a sharded native model exports exactly as its single-file twin."""
+    def position(p):
+        first = native[p[0]].spans[0]
+        return first.path.name, first.start, p[1] or 0
+    return {hf: native[nat] if slot is None else native[nat][slot] for nat, slot, hf in sorted(key_pairs(cfg), key=position)}
 
 
 def _check_router_bias(src: Path, cfg, native: dict[str, LazyTensor], pool: FilePool) -> None:

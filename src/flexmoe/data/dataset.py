@@ -30,6 +30,7 @@ class TokenWindows:
         self.manifest: dict[str, Any] = load_manifest(self.data_dir, verify=verify)
         self.domain: str = self.manifest.get("domain") or self.data_dir.name
         self._shards: list[np.ndarray] = []
+        self._paths: list[Path] = []
         self._starts: list[int] = [0]  # token offset where each shard begins, plus the total
         want_dtype = np.dtype(self.manifest["dtype"])
         for shard in self.manifest["shards"]:
@@ -43,6 +44,7 @@ class TokenWindows:
                     f"{path}: holds {tokens.shape} {tokens.dtype}, manifest says ({shard['num_tokens']},) {want_dtype}; re-run prepare-data"
                 )
             self._shards.append(tokens)
+            self._paths.append(path)
             self._starts.append(self._starts[-1] + len(tokens))
         self.num_tokens: int = self._starts[-1]
         self._len = (self.num_tokens - 1) // self.seq_len if self.num_tokens > self.seq_len else 0
@@ -54,6 +56,10 @@ class TokenWindows:
 
     def __len__(self) -> int:
         return self._len
+
+    def shard_arrays(self) -> list[tuple[Path, np.ndarray]]:
+        """(file, memory-mapped tokens) of every shard, in stream order."""
+        return list(zip(self._paths, self._shards))
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Window `i` as int64 tokens of length seq_len + 1 (copied out of the memmap)."""

@@ -8,33 +8,118 @@ from typing import Any
 
 from flexmoe.data.errors import DataError
 from flexmoe.io.files import sha256_file
+from flexmoe.io.schema import Field, Record, check, relpath_rule, sha256_rule
 
 FORMAT = "flexmoe-tokens/1"
+SFT_FORMAT = "flexmoe-sft/1"
 MANIFEST_NAME = "manifest.json"
+SHARD_DTYPES = ("uint16", "uint32")
+SFT_FILES = ("tokens.npy", "loss_mask.npy", "doc_starts.npy")
 
 # (resolved path, mtime_ns, size) -> sha256: lets every rank and every reload of the same data
 # skip rehashing gigabytes; any rewrite of a shard changes the key and forces a fresh hash.
 _HASHES: dict[tuple[str, int, int], str] = {}
+# The same key -> the largest token id in the shard (checked once against a model's vocabulary).
+_MAX_IDS: dict[tuple[str, int, int], int] = {}
 
 
-def load_manifest(data_dir: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """Read `data_dir/manifest.json`; check every shard exists and, with `verify`, its sha256."""
+def _f(*types: type | None, required: bool = True, **kw: Any) -> Field:
+    return Field(tuple(type(None) if t is None else t for t in types), required=required, **kw)
+
+
+def _nonneg(v: int) -> str | None:
+    return None if v >= 0 else f"is {v}, must be >= 0"
+
+
+def _positive(v: int) -> str | None:
+    return None if v > 0 else f"is {v}, must be > 0"
+
+
+# What `tokenizer.spec()` writes; `hf` specs carry the path and the tokenizer.json sha256.
+TOKENIZER = Record({
+    "type": _f(str, choices=("bytes", "hf")),
+    "vocab_size": _f(int, required=False, rule=_positive),
+    "path": _f(str, required=False, rule=lambda v: None if v else "is empty"),
+    "sha256": _f(str, None, required=False, rule=lambda v: None if v is None else sha256_rule(v)),
+    "eos_id": _f(int, None, required=False, rule=lambda v: None if v is None else _nonneg(v)),
+    "pad_id": _f(int, None, required=False, rule=lambda v: None if v is None else _nonneg(v)),
+}, open=True)
+
+SHARD = Record({
+    "path": _f(str, rule=relpath_rule),
+    "num_tokens": _f(int, rule=_nonneg),
+    "sha256": _f(str, rule=sha256_rule),
+})
+
+TOKENS_MANIFEST = Record({
+    "format": _f(str, choices=(FORMAT,), version=True),
+    "domain": _f(str, None, required=False),
+    "tokenizer": _f(dict, record=TOKENIZER),
+    "dtype": _f(str, choices=SHARD_DTYPES),
+    "num_tokens": _f(int, rule=_nonneg),
+    "num_documents": _f(int, required=False, rule=_nonneg),
+    "append_eos": _f(bool, required=False),
+    "shards": _f(list, items=SHARD, rule=lambda v: None if v else "is empty: a prepared directory has shards"),
+    "sources": _f(list, required=False),
+}, open=True)
+
+SFT_MANIFEST = Record({
+    "format": _f(str, choices=(SFT_FORMAT,), version=True),
+    "tokenizer": _f(dict, record=TOKENIZER),
+    "num_tokens": _f(int, rule=_nonneg),
+    "num_examples": _f(int, rule=_nonneg),
+    "num_trained_tokens": _f(int, rule=_nonneg),
+    "files": _f(dict, values=_f(str, rule=sha256_rule),
+                rule=lambda v: None if sorted(v) == sorted(SFT_FILES) else f"must list exactly {', '.join(SFT_FILES)}"),
+}, open=True)
+
+
+def read_manifest_record(data_dir: str | Path, formats: tuple[str, ...] = (FORMAT,)) -> dict[str, Any]:
+    """`data_dir/manifest.json` parsed and checked against its schema (types, values, version)."""
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST_NAME
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: not a directory; pass a directory made by `flexmoe prepare-data`")
+    if path.is_symlink():
+        raise DataError(f"{path}: a link; a prepared directory holds its own manifest (re-run prepare-data)")
     if not path.is_file():
         raise DataError(f"{path}: no manifest; run prepare-data to build {data_dir}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable manifest ({e}); re-run prepare-data") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: format {found!r} is not {FORMAT!r}; re-run prepare-data with this version")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise DataError(f"{path}: lists no shards; re-run prepare-data")
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found not in formats:
+        kinds = " or ".join(repr(f) for f in formats)
+        raise DataError(f"{path}: format {found!r} is not {kinds}; re-run prepare-data with this version")
+    check(manifest, TOKENS_MANIFEST if found == FORMAT else SFT_MANIFEST, path, DataError)
+    return manifest
+
+
+def member_path(data_dir: Path, name: str, listed_in: Path) -> Path:
+    """`data_dir / name`, refused when it is a link or resolves outside `data_dir`."""
+    path = data_dir / name
+    if path.is_symlink() or not path.resolve().is_relative_to(data_dir.resolve()):
+        raise DataError(f"{path}: listed in {listed_in} but a link or outside {data_dir}; "
+                        "a prepared directory holds only its own plain files (re-run prepare-data)")
+    return path
+
+
+def load_manifest(data_dir: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Read `data_dir/manifest.json`; check its schema, that every shard is a plain file inside
+    `data_dir` and, with `verify`, its sha256."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    manifest = read_manifest_record(data_dir)
+    shards = manifest["shards"]
+    names = [shard["path"] for shard in shards]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: lists a shard twice; re-run prepare-data")
+    if sum(shard["num_tokens"] for shard in shards) != manifest["num_tokens"]:
+        raise DataError(f"{path}: field 'num_tokens' is {manifest['num_tokens']}, but the shards hold "
+                        f"{sum(shard['num_tokens'] for shard in shards)}; re-run prepare-data")
     for shard in shards:
-        shard_path = data_dir / shard["path"]
+        shard_path = member_path(data_dir, shard["path"], path)
         if not shard_path.is_file():
             raise DataError(f"{shard_path}: shard listed in {path} is missing; re-run prepare-data")
         if verify:
@@ -46,10 +131,23 @@ def load_manifest(data_dir: str | Path, *, verify: bool = True) -> dict[str, Any
     return manifest
 
 
-def _cached_sha256(path: Path) -> str:
+def _key(path: Path) -> tuple[str, int, int]:
     st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _cached_sha256(path: Path) -> str:
+    key = _key(path)
     digest = _HASHES.get(key)
     if digest is None:
         digest = _HASHES[key] = sha256_file(path)
     return digest
+
+
+def max_token_id(path: Path, tokens) -> int:
+    """The largest id in `tokens` (the array loaded from `path`), computed once per file version."""
+    key = _key(path)
+    found = _MAX_IDS.get(key)
+    if found is None:
+        found = _MAX_IDS[key] = int(tokens.max()) if len(tokens) else -1
+    return found

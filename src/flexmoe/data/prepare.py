@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +13,8 @@ import numpy as np
 
 from flexmoe.data.documents import expand_inputs, iter_documents
 from flexmoe.data.errors import DataError
-from flexmoe.io.files import atomic_write_json, sha256_file
+from flexmoe.io.files import (atomic_write_json, make_temp_dir, check_disjoint, check_output_dir, clean_stale_temps, replace_dir,
+                              sha256_file)
 from flexmoe.data.manifest import FORMAT, MANIFEST_NAME, load_manifest
 from flexmoe.data.tokenize import load_tokenizer
 
@@ -72,24 +71,6 @@ class _ShardWriter:
         self.shards.append({"path": name, "num_tokens": int(len(tokens)), "sha256": sha256_file(path)})
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: output path is a file; choose a directory path for the prepared data")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"{out_dir}: output directory is not empty; pass overwrite=True or choose another directory")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    # Rename, not copy: readers see either the old complete directory or the new one.
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, trash / "old")
-    os.replace(tmp, out_dir)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _batches(docs, max_docs: int, max_chars: int):
     batch: list[str] = []
     chars = 0
@@ -108,6 +89,7 @@ class _Progress:
 
     def __init__(self, enabled: bool, num_files: int):
         self.enabled, self.num_files, self.last = enabled, num_files, 0.0
+        self.open_line = False
 
     def show(self, files_done: int, num_tokens: int, *, final: bool = False) -> None:
         now = time.monotonic()
@@ -115,6 +97,13 @@ class _Progress:
             self.last = now
             line = f"\rprepare-data: {files_done}/{self.num_files} files, {num_tokens:,} tokens"
             print(line, end="\n" if final else "", file=sys.stderr, flush=True)
+            self.open_line = not final
+
+    def end_line(self) -> None:
+        """End a progress line left open (the run failed midway), so an error starts on its own line."""
+        if self.open_line:
+            print(file=sys.stderr, flush=True)
+            self.open_line = False
 
 
 def _tokenize_files(
@@ -158,6 +147,7 @@ def prepare_data(
     domain: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    overwrite_flag: str = "overwrite=True",
 ) -> dict[str, Any]:
     """Tokenize `inputs` into `out_dir/shard-NNNNN.npy` shards and `out_dir/manifest.json`.
 
@@ -166,7 +156,9 @@ def prepare_data(
     shipped marks breaks with a lone backslash: pass "\\" for it). Everything is built in a
     temp directory beside `out_dir` and renamed into place, so `out_dir` never holds a
     half-written dataset. `tokenizer` is a tokenizer object or anything `load_tokenizer`
-    accepts. Returns the manifest.
+    accepts. An `out_dir` that is, holds or sits inside an input is refused, and a non-empty one
+    unless `overwrite` (`overwrite_flag`: how the caller spells that option, for the message).
+    Returns the manifest.
     """
     if isinstance(tokenizer, (str, Path, dict)):
         tokenizer = load_tokenizer(tokenizer)
@@ -176,12 +168,18 @@ def prepare_data(
     eos_id = getattr(tokenizer, "eos_id", None)
     if append_eos and eos_id is None:
         raise DataError(f"tokenizer {tokenizer!r} has no eos token; pass append_eos=False or use a tokenizer with one")
+    out_dir, inputs = Path(out_dir).expanduser(), list(inputs)
+    # Inputs first, as given and as expanded: `prepare-data corpus --out corpus --overwrite`
+    # would otherwise replace the corpus with its own shards.
+    check_disjoint(out_dir, inputs, "the output directory", DataError)
     files = expand_inputs(inputs)
-    out_dir = Path(out_dir).expanduser()
-    _check_out_dir(out_dir, overwrite)
+    check_disjoint(out_dir, files, "the output directory", DataError)
+    check_output_dir(out_dir, overwrite, overwrite_flag, DataError)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir, "tmp")
+    shown = _Progress(progress, len(files))
     try:
         writer = _ShardWriter(tmp, np_dtype, shard_tokens)
         num_tokens, num_documents, sources = _tokenize_files(
@@ -189,7 +187,7 @@ def prepare_data(
             tokenizer,
             writer,
             [eos_id] if append_eos else [],
-            _Progress(progress, len(files)),
+            shown,
             text_field=text_field,
             csv_fields=csv_fields,
             csv_newline_escape=csv_newline_escape,
@@ -210,9 +208,10 @@ def prepare_data(
             "sources": sources,
         }
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
-        _check_out_dir(out_dir, overwrite)  # someone may have written there while we worked
-        _move_into_place(tmp, out_dir)
+        check_output_dir(out_dir, overwrite, overwrite_flag, DataError)  # someone may have written there meanwhile
+        replace_dir(tmp, out_dir)
     except BaseException:
+        shown.end_line()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest

@@ -15,22 +15,25 @@ the public model, is unrestricted unless the public model's flexmoe.json carries
 from __future__ import annotations
 
 import datetime
-import hashlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from flexmoe.io.fingerprint import bind_expert_hashes, expert_tensor_sha256, verify_expert_hashes  # noqa: F401
+from flexmoe.io.log import get_logger
 from flexmoe.io.model_dir import META, CheckpointError
-from flexmoe.io.keys import EXPERT_WEIGHTS, experts_key, router_weight_key
+from flexmoe.io.schema import CONSENT, USES, check, date_rule
 
-USES = ("research", "commercial", "evaluation", "education", "any")  # "any": every use
+log = get_logger(__name__)
 PUBLIC_CONSENT = {"allowed_uses": ["any"], "expires": None}
 
 
 def make_consent(allowed_uses: Iterable[str] | None, expires: str | None = None, *,
                  where: str = "consent") -> dict[str, Any] | None:
     """Checked consent record, or None when no use is given. `expires`: ISO date, last valid day."""
+    if isinstance(allowed_uses, str):  # iterating a string would give its letters
+        raise ValueError(f"{where}: allowed uses must be a list of uses, got the string {allowed_uses!r}")
     uses = sorted({u.strip() for u in (allowed_uses or []) if u.strip()})
     if not uses:
         if expires:
@@ -44,20 +47,23 @@ def make_consent(allowed_uses: Iterable[str] | None, expires: str | None = None,
 
 
 def parse_date(value: str | datetime.date, *, where: str = "date") -> datetime.date:
-    """A `datetime.date` from an ISO `YYYY-MM-DD` string (or a date)."""
+    """A `datetime.date` from an ISO `YYYY-MM-DD` string (or a date); nothing looser is read as a date."""
     if isinstance(value, datetime.date):
         return value
-    try:
-        return datetime.date.fromisoformat(str(value))
-    except ValueError as e:
-        raise ValueError(f"{where}={value!r} is not a date; write YYYY-MM-DD") from e
+    if not isinstance(value, str) or date_rule(value):
+        raise ValueError(f"{where}={value!r} is not a date; write YYYY-MM-DD")
+    return datetime.date.fromisoformat(value)
 
 
 def covers(consent: dict[str, Any] | None, use: str, today: datetime.date) -> bool:
-    """True when the record allows `use` on `today` (the expiry day itself still counts)."""
+    """True when the record allows `use` on `today` (the expiry day itself still counts).
+
+    Uses match exactly: the record is schema-checked first, so `allowed_uses` is a list of known
+    uses (a string would make `in` a substring test: "commercial" in "noncommercial")."""
     if not consent:
         return False
-    uses = consent.get("allowed_uses") or []
+    check(consent, CONSENT, "consent record")
+    uses = consent["allowed_uses"]
     if use not in uses and "any" not in uses:
         return False
     expires = consent.get("expires")
@@ -90,70 +96,45 @@ def active_mask(experts: Sequence[dict[str, Any]], *, use: str | None = None, op
         mask = allowed if mask is None else mask & allowed
         if not bool(mask.any()):
             raise ValueError(f"use={use}: no expert's consent covers it (and the public one is off); nothing can run")
+        if len(experts) > 1 and not bool(allowed[1:].any()):
+            log.warning(f"use={use}: no owner's expert consents to this use; only the public expert runs")
     if mask is not None and bool(mask.all()):
         return None
     return mask
 
 
 # --- binding consent to tensors ----------------------------------------------------------------
-
-def expert_tensor_sha256(sd: dict[str, torch.Tensor], slot: int, num_layers: int) -> str:
-    """sha256 over one expert slot's FFN tensors and router row in every layer (name, dtype, shape, bytes)."""
-    h = hashlib.sha256()
-    for i in range(num_layers):
-        for key in [experts_key(i, n) for n in EXPERT_WEIGHTS] + [router_weight_key(i)]:
-            if key not in sd:
-                raise CheckpointError(f"tensor {key} missing: not a merged MoE state dict")
-            t = sd[key][slot].detach().contiguous().cpu()
-            h.update(f"{key}[{slot}]|{t.dtype}|{tuple(t.shape)}\n".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
+# The hashes live in io/fingerprint.py (every reader of a model checks them); re-exported here.
 
 def add_tensor_hashes(experts: list[dict[str, Any]], sd: dict[str, torch.Tensor],
                       num_layers: int) -> list[dict[str, Any]]:
-    """The experts list with each entry's `tensor_sha256` set from `sd` (called by merge)."""
-    return [dict(e, tensor_sha256=expert_tensor_sha256(sd, j, num_layers)) for j, e in enumerate(experts)]
-
-
-def verify_expert_hashes(sd: dict[str, torch.Tensor], meta: dict[str, Any], num_layers: int,
-                         where: str | Path = "") -> int:
-    """Check every `tensor_sha256` in meta's experts against `sd`; returns how many were checked.
-
-    Entries without one (models merged before consent records) are skipped."""
-    checked = 0
-    for j, e in enumerate(meta.get("experts") or []):
-        want = e.get("tensor_sha256")
-        if not want:
-            continue
-        if expert_tensor_sha256(sd, j, num_layers) != want:
-            raise CheckpointError(f"{Path(where) / META}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) "
-                                  "does not match its tensor_sha256; the expert was swapped or altered, do not use "
-                                  "this model")
-        checked += 1
-    return checked
+    """The experts list with each entry's `tensor_sha256` set from `sd` (see io.fingerprint)."""
+    return bind_expert_hashes(experts, sd, num_layers)
 
 
 def load_for_use(model_dir: str | Path, *, use: str | None = None, opt_out: Iterable[str] = (),
-                 today: str | datetime.date | None = None):
-    """Load a model checked file by file and expert by expert, with the mask for this request.
+                 today: str | datetime.date | None = None, verify: bool = True):
+    """Load a model checked file by file and expert by expert (unless `verify` is False: the
+    caller checked it already), with the mask for this request.
 
     Returns (model, cfg, meta, mask); pass `mask` as `expert_mask` to every forward."""
     from flexmoe.io.model_dir import load_model_dir
     from flexmoe.model import Transformer
 
-    cfg, sd, meta = load_model_dir(model_dir, verify=True)
+    cfg, sd, meta = load_model_dir(model_dir, verify=verify)  # file sha256s and each tensor_sha256
     experts = meta.get("experts") or []
-    if cfg.is_moe:
-        verify_expert_hashes(sd, meta, cfg.num_layers, model_dir)
-    elif use is not None or list(opt_out):
+    if not cfg.is_moe and (use is not None or list(opt_out)):
         raise ValueError(f"{model_dir}: a dense model has no experts to select by use= or opt-out")
     if cfg.is_moe and len(experts) != cfg.num_experts:
         raise CheckpointError(f"{Path(model_dir) / META}: lists {len(experts)} experts for "
                               f"num_experts={cfg.num_experts}")
     mask = active_mask(experts, use=use, opt_out=opt_out, today=today) if cfg.is_moe else None
     model = Transformer(cfg)
-    model.load_state_dict(sd)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # weights of other shapes than config.json says: one line, not a traceback
+        raise CheckpointError(f"{Path(model_dir) / 'model.safetensors'}: tensors do not fit its config.json "
+                              f"({str(e).splitlines()[0]})") from e
     return model, cfg, meta, mask
 
 

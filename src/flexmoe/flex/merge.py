@@ -1,15 +1,27 @@
-"""Merge: the public model + any N expert packages -> one (N+1)-expert MoE.
+"""Merge: the public model + any N expert packages -> one (N+1)-expert MoE, streamed.
 
 Inputs may also be Hugging Face directories: 2-expert FlexOlmo checkpoints as experts and a
 dense Olmo2 as the public model (see flex/hf_inputs.py). For a Hugging Face output, run
 `flexmoe export-hf` on the merged directory.
 
-Everything is checked before anything is written: fingerprints, shapes, duplicate domains and
-every file's sha256. A refusal is one line naming the file at fault, and leaves no output.
+Every output tensor is built from byte spans of its inputs: expert slot 0 from the public model's
+dense FFN, slot j from package j, router rows stacked (and transformed) in memory, shared tensors
+copied from the public model or averaged chunk by chunk. They are written shard by shard
+(`max_shard_size`), so memory stays at a few read chunks plus the router rows, whatever the
+number of experts or the model size.
+
+Everything that can be checked before writing is: the public model's file sha256s and fingerprint
+(one pass over it), every package's manifest, file listing, tensor names, shapes, dtypes and small
+tensors' values, fingerprints, duplicate domains. What needs every byte of a package (its sha256,
+its weights being finite) is checked in the pass that copies it; a mismatch discards the output
+before it is renamed into place, and a refusal is reported as the sha256 mismatch when the file's
+bytes are not the ones its manifest lists. A refusal is one line naming the file at fault, and
+leaves no output.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +30,17 @@ import torch
 from flexmoe.config.model import ROUTINGS
 from flexmoe.io.hf_dir import hf_architecture
 from flexmoe.flex.hf_inputs import read_hf_anchor, read_hf_public
-from flexmoe.io.model_dir import CheckpointError, load_model_dir, save_model_dir
-from flexmoe.flex.consent import PUBLIC_CONSENT, add_tensor_hashes
-from flexmoe.io.fingerprint import fingerprint
-from flexmoe.flex.package import read_package
-from flexmoe.io.keys import (EXPERT_WEIGHTS, dense_ffn_key, experts_key, is_shared_key, package_bias_key, package_layer_of,
-                             package_router_key, package_weight_key, router_bias_key, router_weight_key)
+from flexmoe.io.model_dir import META, CheckpointError, atomic_dir, refuse_overlap
+from flexmoe.io.native import open_native, parse_size, write_native
+from flexmoe.io.progress import Progress
+from flexmoe.io.stream import CHUNK, FilePool, LazyTensor, stream_fingerprint
+from flexmoe.io.writer import FiniteTap, Generated, stacked
+from flexmoe.flex.consent import PUBLIC_CONSENT
+from flexmoe.io.schema import reserved_rule
+from flexmoe.flex.package import TENSORS, check_package_tensors, check_package_value, open_package
+from flexmoe.io.keys import (EXPERT_WEIGHTS, SHARED_PREFIX, dense_ffn_key, experts_key, is_shared_key, package_bias_key,
+                             package_layer_of, package_router_key, package_weight_key, router_bias_key,
+                             router_weight_key)
 from flexmoe.io.log import get_logger
 
 log = get_logger(__name__)
@@ -31,7 +48,8 @@ log = get_logger(__name__)
 
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
           norm_topk_prob: bool = False, routing: str = "auto", shared: str = "public",
-          router_rows: str = "raw", router_cosine_temp: float = 0.0, overwrite: bool = False) -> Path:
+          router_rows: str = "raw", router_cosine_temp: float = 0.0, overwrite: bool = False,
+          verify: bool = True, max_shard_size: int | str | None = None) -> Path:
     """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package.
 
     `shared`: `public` keeps the public model's shared tensors (FlexOlmo); `average` takes the mean
@@ -40,6 +58,9 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     `routing`: a policy of ModelConfig.routing, or `auto`: anchor_ngram when the public model and
     every package carry n-gram profiles (the measured best, README "Routing quality"), else topk.
     `router_cosine_temp` > 0: the router scores rows by cosine similarity over that temperature.
+    `verify` False skips the inputs' sha256 checks (the caller verified them); schemas, shapes,
+    dtypes and finiteness are checked either way. `max_shard_size` (bytes or '5GB'): write the
+    weights as shards of at most that size with an index (default: one model.safetensors).
     """
     if routing != "auto" and routing not in ROUTINGS:
         raise CheckpointError(f"routing={routing!r} is not auto|{'|'.join(ROUTINGS)}")
@@ -49,34 +70,93 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
         raise CheckpointError(f"shared={shared!r} is not public|average")
     if router_rows not in ROW_TRANSFORMS:
         raise CheckpointError(f"router_rows={router_rows!r} is not one of {'|'.join(ROW_TRANSFORMS)}")
+    shard_limit = parse_size(max_shard_size)
     public_dir = Path(public_dir)
-    # A dense Hugging Face Olmo2 directory may stand in for the native public model.
-    cfg, sd, meta = read_hf_public(public_dir) if hf_architecture(public_dir) else load_model_dir(public_dir)
-    if cfg.is_moe:
-        raise CheckpointError(f"{public_dir}: merge takes the dense public model, found num_experts={cfg.num_experts}")
-    fp = meta.get("fingerprint") or fingerprint(sd)
-    if fingerprint(sd) != fp:
-        raise CheckpointError(f"{public_dir}: tensors do not match the fingerprint in its flexmoe.json")
     if not packages:
         raise CheckpointError("merge needs at least one expert package")
-    loaded: list[tuple[Path, dict[str, Any], dict[str, torch.Tensor]]] = []
-    seen: dict[str, Path] = {}
-    for pkg in map(Path, packages):
-        if not (pkg / "manifest.json").exists() and hf_architecture(pkg):
-            # A Hugging Face 2-expert FlexOlmo checkpoint: slot 1 is the owner's expert, once
-            # slot 0 and every shared tensor are proven to be this public model's.
-            manifest, tensors = read_hf_anchor(pkg, fp, public_sd=sd)
-        else:
-            manifest, tensors = read_package(pkg)
-        if manifest["base_fingerprint"] != fp:
-            raise CheckpointError(f"{pkg / 'manifest.json'}: base fingerprint {manifest['base_fingerprint'][:12]}... "
-                                  f"is not the public model's {fp[:12]}...; it was trained from another model")
-        if manifest["domain"] in seen:
-            raise CheckpointError(f"{pkg}: domain {manifest['domain']!r} is already given by {seen[manifest['domain']]}")
-        seen[manifest["domain"]] = pkg
-        _check_shapes(pkg, tensors, cfg)
-        loaded.append((pkg, manifest, tensors))
+    refuse_overlap(out_dir, [public_dir, *packages], "--out")
+    if not overwrite and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        raise CheckpointError(f"{out_dir}: exists and is not empty; give --out a new or empty directory")
+    with FilePool() as pool:
+        cfg, sd, meta, fp = _open_public(public_dir, verify, pool)
+        loaded: list[tuple[Path, dict[str, Any], dict[str, Any]]] = []
+        small: list[dict[str, torch.Tensor]] = []  # per package: router rows, biases, routing tensors
+        seen: dict[str, Path] = {}
+        for pkg in map(Path, packages):
+            hf = not (pkg / "manifest.json").exists() and hf_architecture(pkg)
+            if hf:
+                # A Hugging Face 2-expert FlexOlmo checkpoint: slot 1 is the owner's expert, once
+                # slot 0 and every shared tensor are proven to be this public model's.
+                manifest, tensors = read_hf_anchor(pkg, fp, public_sd=sd, verify=verify)
+                check_package_tensors(pkg, manifest, tensors)
+            else:
+                manifest, tensors = open_package(pkg, verify, defer=pool)
+            where = pkg if hf else pkg / TENSORS
+            try:
+                if manifest["base_fingerprint"] != fp:
+                    raise CheckpointError(f"{pkg / 'manifest.json'}: base fingerprint {manifest['base_fingerprint'][:12]}"
+                                          f"... is not the public model's {fp[:12]}...; it was trained from another model")
+                _check_names(pkg, manifest, loaded, seen)
+                seen[manifest["domain"]] = pkg
+                _check_shapes(pkg, tensors, cfg)
+                small.append(_small_tensors(where, tensors, pool))
+            except CheckpointError as e:
+                raise pool.blame(e, [pkg / TENSORS])
+            loaded.append((pkg, manifest, tensors))
+        try:
+            return _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, top_k=top_k,
+                          norm_topk_prob=norm_topk_prob, routing=routing, shared=shared, router_rows=router_rows,
+                          router_cosine_temp=router_cosine_temp, overwrite=overwrite, shard_limit=shard_limit)
+        except CheckpointError as e:
+            err = pool.blame(e)
+            if err is e:
+                raise
+            raise err from e
 
+
+def _open_public(public_dir: Path, verify: bool, pool: FilePool):
+    """(cfg, lazy tensors, meta, fingerprint) of the public model, verified before anything is written:
+    its files' sha256s and its fingerprint in one pass over its weights."""
+    if hf_architecture(public_dir):  # a dense Hugging Face Olmo2 directory may stand in for it
+        cfg, sd, meta = read_hf_public(public_dir)
+        checked = True  # its fingerprint was just computed from its tensors
+    else:
+        cfg, sd, meta = open_native(public_dir, verify, defer=pool)
+        checked = False
+    try:
+        if cfg.is_moe:
+            raise CheckpointError(f"{public_dir}: merge takes the dense public model, found num_experts={cfg.num_experts}")
+        fp = meta.get("fingerprint")
+        if not fp:  # without it a corrupted public model would be blamed on every package
+            raise CheckpointError(f"{public_dir / META}: has no fingerprint; merge takes a public model written by "
+                                  "`flexmoe train` (or import-hf)")
+        if not checked:
+            got = stream_fingerprint(sd, pool)  # also hashes the weight files, read in their order
+            pool.check_expected()
+            if got != fp:
+                raise CheckpointError(f"{public_dir}: tensors do not match the fingerprint in its flexmoe.json")
+    except CheckpointError as e:
+        raise pool.blame(e)
+    return cfg, sd, meta, fp
+
+
+def _small_tensors(where: Path, tensors: dict[str, Any], pool: FilePool) -> dict[str, torch.Tensor]:
+    """A package's router rows, biases and routing tensors, read into memory with their values checked
+    (the weights and shared copies are checked as they stream)."""
+    out = {}
+    for key, t in tensors.items():
+        if package_layer_of(key) is not None and key not in (package_router_key(package_layer_of(key)),
+                                                             package_bias_key(package_layer_of(key))):
+            continue
+        if key.startswith(SHARED_PREFIX):
+            continue
+        out[key] = pool.read(t) if isinstance(t, LazyTensor) else t
+        check_package_value(where, key, out[key])
+    return out
+
+
+def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k, norm_topk_prob, routing, shared,
+           router_rows, router_cosine_temp, overwrite, shard_limit) -> Path:
     num_experts = len(loaded) + 1
     k = top_k if top_k is not None else min(2, num_experts)
     if not 1 <= k <= num_experts:
@@ -84,51 +164,126 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     use_bias = any(m.get("router_bias") for _, m, _ in loaded)
     public_file, shipped = _public_router_file(public_dir, meta)
     public_rows = _public_rows(public_dir, shipped, cfg)
-    out: dict[str, torch.Tensor] = {k_: v for k_, v in sd.items() if is_shared_key(k_)}
+    out: dict[str, Any] = {k_: v for k_, v in sd.items() if is_shared_key(k_)}
+    finite: dict[str, dict[int, tuple[Path, str]]] = {}
+    divergence: dict[str, dict[str, float]] = {}  # filled in as the pass streams the shared tensors
     for i in range(cfg.num_layers):
         for name in EXPERT_WEIGHTS:
-            out[experts_key(i, name)] = torch.stack(
-                [sd[dense_ffn_key(i, name)]] + [t[package_weight_key(i, name)] for _, _, t in loaded])
-        out[router_weight_key(i)] = torch.stack(
-            [public_rows[i]] + [t[package_router_key(i)].float() for _, _, t in loaded])
+            key = experts_key(i, name)
+            out[key] = stacked([sd[dense_ffn_key(i, name)]] + [t[package_weight_key(i, name)] for _, _, t in loaded])
+            finite[key] = {j: (pkg if not (pkg / "manifest.json").exists() else pkg / TENSORS,
+                               package_weight_key(i, name)) for j, (pkg, _, _) in enumerate(loaded, start=1)}
+        rows = torch.stack([public_rows[i]] + [s[package_router_key(i)].float() for s in small])
+        out[router_weight_key(i)] = ROW_TRANSFORMS[router_rows](rows)
         if use_bias:
             out[router_bias_key(i)] = torch.cat(
-                [torch.zeros(1)] + [t.get(package_bias_key(i), torch.zeros(1)).float() for _, _, t in loaded])
-    for i in range(cfg.num_layers):
-        key = router_weight_key(i)
-        out[key] = ROW_TRANSFORMS[router_rows](out[key])
-    divergence = _shared_divergence(sd, loaded)
-    if shared == "average":
-        for k_ in divergence:
-            copies = [t.get(f"shared.{k_}", sd[k_]).float() for _, _, t in loaded]
-            out[k_] = torch.stack(copies).mean(0).to(sd[k_].dtype)
-    elif divergence:
-        log.info("packages carry trained shared tensors; keeping the public copies (shared=public)")
+                [torch.zeros(1)] + [s.get(package_bias_key(i), torch.zeros(1)).float() for s in small])
+    notes = []  # said once the output is in place: a refusal stays the only line on stderr
+    if _shared_streams(out, sd, loaded, average=shared == "average", pool=pool, divergence=divergence) \
+            and shared == "public":
+        notes.append("packages carry trained shared tensors; keeping the public copies (shared=public)")
     # Document routing's centroids: the public row and each owner's embedding at layer 0.
     out["domain_centroids"] = torch.stack(
-        [public_rows[0]] + [t.get("domain_embedding", torch.zeros(cfg.d_model)).float() for _, _, t in loaded])
-    profiles = _ngram_profiles(public_file, shipped, loaded, required=routing == "anchor_ngram")
+        [public_rows[0]] + [s.get("domain_embedding", torch.zeros(cfg.d_model)).float() for s in small])
+    profiles = _ngram_profiles(public_file, shipped, loaded, small, required=routing == "anchor_ngram")
     if routing == "auto":
         routing = "anchor_ngram" if profiles is not None else "topk"
-        log.info(f"merge: routing={routing}" + ("" if profiles is not None else " (not every package carries an "
-              "n-gram profile for anchor_ngram)"))
+        notes.append(f"merge: routing={routing}" + ("" if profiles is not None else " (not every package carries "
+                     "an n-gram profile for anchor_ngram)"))
     if profiles is not None:  # n-gram profiles of document routing: public data's, then each owner's
         out["domain_ngrams"] = profiles
     merged_cfg = cfg.replace(num_experts=num_experts, top_k=k, norm_topk_prob=norm_topk_prob, router_bias=use_bias,
-                             routing=routing, router_cosine_temp=router_cosine_temp, doc_ngram_buckets=int(profiles.shape[-1]) if profiles is not None else 0)
+                             routing=routing, router_cosine_temp=router_cosine_temp,
+                             doc_ngram_buckets=int(profiles.shape[-1]) if profiles is not None else 0)
     experts = [{"slot": 0, "owner": "public", "domain": "public", "licence": meta.get("licence", "unspecified"),
                 "consent": meta.get("consent") or PUBLIC_CONSENT}]
     for j, (pkg, m, _) in enumerate(loaded, start=1):
         experts.append({"slot": j, "owner": m["owner"], "domain": m["domain"], "licence": m.get("licence"),
-                        "package_sha256": m["files"].get("expert.safetensors"), "tokens_seen": m.get("tokens_seen"),
-                        "dp": m.get("dp"), "consent": m.get("consent"), "source": str(pkg)})
-    # Binds each consent record to its slot's tensors: flex.consent checks it on load.
-    experts = add_tensor_hashes(experts, out, cfg.num_layers)
+                        "package_sha256": m["files"].get(TENSORS), "tokens_seen": m.get("tokens_seen"),
+                        "dp": m.get("dp"), "consent": m.get("consent"), "source": str(pkg),
+                        **{k: m[k] for k in ("profile_dp", "privacy_total") if k in m}})  # a DP n-gram profile
+    # Each record is bound to its slot's tensors (tensor_sha256) in the pass that writes them.
     new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts,
-                "shared": shared, "shared_divergence": divergence}
-    path = save_model_dir(out_dir, merged_cfg, out, new_meta, overwrite=overwrite)
-    log.info(f"merged {len(loaded)} packages into {path} ({num_experts} experts, top_k={k})")
-    return path
+                "shared": shared}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        progress = Progress(f"merge {len(loaded)} packages", sum(_nbytes(t) for t in out.values()))
+        write_native(tmp, merged_cfg, out, new_meta, pool, progress, max_shard_size=shard_limit, bind_experts=True,
+                     taps=(FiniteTap(finite),), finish=lambda m: dict(m, shared_divergence=divergence))
+        progress.finish(None)  # the log line below says what was written
+    for note in notes:
+        log.info(note)
+    log.info(f"merged {len(loaded)} packages into {out_dir} ({num_experts} experts, top_k={k})")
+    return Path(out_dir)
+
+
+def _nbytes(t) -> int:
+    return math.prod(t.shape) * t.dtype.itemsize
+
+
+def _shared_streams(out: dict[str, Any], public_sd: dict[str, Any], loaded, *, average: bool,
+                    pool: FilePool, divergence: dict[str, dict[str, float]]) -> list[str]:
+    """Shared tensors packages ship: each output tensor becomes a stream over its copies, chunk by chunk
+    (the public copy, or with `average` the mean over the packages' copies, a package without one
+    counting the public copy), which also measures each owner's relative L2 divergence from the
+    public copy into `divergence` ({name: {owner: value}}) as the pass writes it. Returns the names."""
+    names: dict[str, None] = {}
+    for pkg, _, tensors in loaded:
+        for key, t in tensors.items():
+            if not key.startswith(SHARED_PREFIX):
+                continue
+            name = key[len(SHARED_PREFIX):]
+            ref = public_sd.get(name)
+            if ref is None or tuple(ref.shape) != tuple(t.shape):
+                raise CheckpointError(f"{pkg / TENSORS}: shared tensor {name} does not fit the public model")
+            names[name] = None
+    for name in names:
+        copies = [(pkg, m["owner"], t.get(SHARED_PREFIX + name)) for pkg, m, t in loaded]
+        out[name] = Generated(public_sd[name].dtype, tuple(public_sd[name].shape),
+                              _shared_chunks(name, public_sd[name], copies, average, pool, divergence))
+    return list(names)
+
+
+def _shared_chunks(name, ref_t, copies, average: bool, pool: FilePool, divergence):
+    def read(t, lo, hi):
+        return pool.read(t.flat(lo, hi)) if isinstance(t, LazyTensor) else t.reshape(-1)[lo:hi]
+
+    def make():
+        n, step = math.prod(ref_t.shape), max(CHUNK // 4, 1)
+        ref2, diff2 = 0.0, {}
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            ref = read(ref_t, lo, hi)
+            parts = []
+            for pkg, owner, t in copies:
+                if t is None:
+                    parts.append(ref)
+                    continue
+                c = read(t, lo, hi)
+                check_package_value(pkg / TENSORS, SHARED_PREFIX + name, c)
+                diff2[owner] = diff2.get(owner, 0.0) + float((c.double() - ref.double()).square().sum())
+                parts.append(c)
+            ref2 += float(ref.double().square().sum())
+            # The same reduction as torch.stack(copies).mean(0) on the whole tensor, one chunk at a time.
+            yield torch.stack([p.float() for p in parts]).mean(0).to(ref.dtype) if average else ref
+        divergence[name] = {o: math.sqrt(d) / max(math.sqrt(ref2), 1e-12) for o, d in diff2.items()}
+    return make
+
+
+def _check_names(pkg: Path, manifest: dict[str, Any], loaded, seen: dict[str, Path]) -> None:
+    """Every domain names exactly one expert: not `public` (slot 0), not another input's domain or
+    owner, so opt-out and remove-expert can always name it."""
+    owner, domain = manifest["owner"], manifest["domain"]
+    for what, name in (("owner", owner), ("domain", domain)):
+        why = reserved_rule(name)
+        if why:  # `public` could never be opted out or removed
+            raise CheckpointError(f"{pkg}: {what} {why}")
+    if domain in seen:
+        raise CheckpointError(f"{pkg}: domain {domain!r} is already given by {seen[domain]}")
+    for other, m, _ in loaded:
+        clash = domain if domain == m["owner"] else owner if owner == m["domain"] else None
+        if clash is not None:
+            raise CheckpointError(f"{pkg}: name {clash!r} is also a name of the expert in {other}; "
+                                  "every domain must name exactly one expert")
 
 
 def _check_shapes(pkg: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
@@ -153,25 +308,36 @@ def _check_shapes(pkg: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
 
 def _public_router_file(public_dir: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
     """The public model's shipped router file and its tensors (router rows, n-gram profile); read once."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     name = (meta.get("router_embedding") or {}).get("router_public")
-    return (public_dir / name, load_file(str(public_dir / name))) if name else (public_dir, {})
+    if not name:
+        return public_dir, {}
+    try:
+        return public_dir / name, load_file(str(public_dir / name))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{public_dir / name}: cannot read safetensors ({e})") from e
 
 
 def _public_rows(public_dir: Path, shipped: dict[str, torch.Tensor], cfg) -> torch.Tensor:
     if "router_embedding" not in shipped:
         log.warning(f"{public_dir} ships no public router row; using zeros")
         return torch.zeros(cfg.num_layers, cfg.d_model)
-    return shipped["router_embedding"].float()
+    rows = shipped["router_embedding"]
+    want = (cfg.num_layers, cfg.d_model)
+    if tuple(rows.shape) != want or not rows.is_floating_point() or not bool(rows.isfinite().all()):
+        raise CheckpointError(f"{public_dir}: its public router row is {str(rows.dtype).removeprefix('torch.')} "
+                              f"{tuple(rows.shape)}, the model needs finite floats of shape {want}")
+    return rows.float()
 
 
-def _ngram_profiles(public_file: Path, shipped: dict[str, torch.Tensor], loaded, *,
+def _ngram_profiles(public_file: Path, shipped: dict[str, torch.Tensor], loaded, small, *,
                     required: bool) -> torch.Tensor | None:
     """`[N+1, buckets]` n-gram profiles when the public model and every package carry one; None
     otherwise, or an error naming what lacks one when the routing needs them."""
-    rows = [(public_file, shipped.get("domain_ngram"))] + [(pkg / "expert.safetensors", t.get("domain_ngram"))
-                                                           for pkg, _, t in loaded]
+    rows = [(public_file, shipped.get("domain_ngram"))] + [(pkg / "expert.safetensors", s.get("domain_ngram"))
+                                                           for (pkg, _, _), s in zip(loaded, small)]
     missing = [str(w) for w, r in rows if r is None]
     if missing:
         if required:
@@ -203,19 +369,3 @@ def _centred_norm(rows_ED: torch.Tensor) -> torch.Tensor:
 
 
 ROW_TRANSFORMS = {"raw": lambda r: r, "common_norm": _common_norm, "centred_norm": _centred_norm}
-
-
-def _shared_divergence(public_sd: dict[str, torch.Tensor], loaded) -> dict[str, dict[str, float]]:
-    """{shared tensor: {owner: ||w_owner - w_public|| / ||w_public||}} for tensors packages ship."""
-    out: dict[str, dict[str, float]] = {}
-    for pkg, manifest, tensors in loaded:
-        for key, t in tensors.items():
-            if not key.startswith("shared."):
-                continue
-            name = key[len("shared."):]
-            ref = public_sd.get(name)
-            if ref is None or ref.shape != t.shape:
-                raise CheckpointError(f"{pkg / 'expert.safetensors'}: shared tensor {name} does not fit the public model")
-            rel = float((t.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
-            out.setdefault(name, {})[manifest["owner"]] = rel
-    return out

@@ -8,20 +8,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from flexmoe.config.model import NATIVE_BUFFERS
 from flexmoe.io.model_dir import CheckpointError, atomic_dir, load_model_dir, write_json
 from flexmoe.io.files import sha256_file
+from flexmoe.io.stream import FilePool, LazyTensor, read_header
+from flexmoe.io.writer import write_file
 from flexmoe.flex.consent import make_consent
 from flexmoe.io.fingerprint import fingerprint
-from flexmoe.io.keys import (EXPERT_WEIGHTS, experts_key, is_shared_key, package_bias_key, package_router_key, package_weight_key,
-                             router_bias_key, router_weight_key)
+from flexmoe.io.keys import (EXPERT_WEIGHTS, SHARED_PREFIX, experts_key, is_shared_key, package_bias_key, package_layer_of,
+                             package_router_key, package_weight_key, router_bias_key, router_weight_key, storage_order)
+from flexmoe.io.schema import (DP, DP_FIELDS, PACKAGE_FORMAT, PACKAGE_MANIFEST, PROFILE_DP, check, read_record,
+                               reserved_rule)
 
-FORMAT = "flexmoe-expert-package/1"
+FORMAT = PACKAGE_FORMAT
 SHARED_TRAINING_STAGES = ("sft", "rl_unfrozen")
 TENSORS = "expert.safetensors"
 MANIFEST = "manifest.json"
+# Weights cross organisations in these dtypes only (what training writes and export-hf casts to);
+# anything else would be promoted or refused deep inside merge, or break the merged model.
+ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, domain: str,
@@ -39,6 +45,10 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
     """
     trained_dir = Path(trained_dir)
     consent = make_consent(allowed_uses, expires, where="package --allowed-uses/--expires")
+    for flag, name in (("--owner", owner), ("--domain", domain)):
+        why = reserved_rule(name) if isinstance(name, str) else "must be a string"
+        if why:
+            raise CheckpointError(f"package {flag} {why}")
     cfg, sd, meta = load_model_dir(trained_dir)
     if cfg.num_experts != 2:
         raise CheckpointError(f"{trained_dir}: expected a 2-expert anchor model, found num_experts={cfg.num_experts}")
@@ -56,7 +66,7 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
     if include_shared:
         for k, v in sd.items():
             if is_shared_key(k) and k not in NATIVE_BUFFERS:
-                tensors[f"shared.{k}"] = v.contiguous()
+                tensors[f"{SHARED_PREFIX}{k}"] = v.contiguous()
     for i in range(cfg.num_layers):
         for name in EXPERT_WEIGHTS:
             tensors[package_weight_key(i, name)] = sd[experts_key(i, name)][1].contiguous()
@@ -68,57 +78,134 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
         tensors["domain_embedding"] = sd["domain_centroids"][1].float().contiguous()
     if "domain_ngrams" in sd:  # the owner's n-gram profile, for routing=anchor_ngram
         tensors["domain_ngram"] = sd["domain_ngrams"][1].float().contiguous()
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / TENSORS))
+    with FilePool() as pool, atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        # In storage order: merge then reads the file front to back, verifying its sha256 as it copies.
+        digest = write_file(tmp / TENSORS, {k: tensors[k] for k in storage_order(tensors, moe=True)}, pool)
         manifest = {
             "format": FORMAT, "owner": owner, "domain": domain, "licence": licence,
             "base_fingerprint": base_fp, "tokens_seen": int(meta.get("tokens_seen", 0)),
             "dp": check_dp_record(dp if dp is not None else meta.get("dp"), trained_dir), "consent": consent,
+            **profile_budget(meta, dp if dp is not None else meta.get("dp"), trained_dir),
             "shape": {"num_layers": cfg.num_layers, "d_model": cfg.d_model, "d_ff": cfg.d_ff},
             "router_bias": cfg.router_bias, "stage": stage,
             "shared": sorted(k[len("shared."):] for k in tensors if k.startswith("shared.")),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "files": {TENSORS: sha256_file(tmp / TENSORS)},
+            "files": {TENSORS: digest},
         }
         write_json(tmp / MANIFEST, manifest)
     return Path(out_dir)
 
 
-def read_package(pkg_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Manifest and tensors of a package, with every file's sha256 checked first."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_package(pkg_dir: str | Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Manifest and tensors of a package, everything checked before a tensor is used.
 
-    from flexmoe.io.model_dir import read_json
-
-    pkg_dir = Path(pkg_dir)
-    manifest = read_json(pkg_dir / MANIFEST)
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{pkg_dir / MANIFEST}: format {manifest.get('format')!r} is not {FORMAT}")
-    for key in ("owner", "domain", "base_fingerprint", "shape", "files"):
-        if key not in manifest:
-            raise CheckpointError(f"{pkg_dir / MANIFEST}: missing field {key!r}")
-    for name, digest in manifest["files"].items():
-        f = pkg_dir / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{f}: sha256 does not match {pkg_dir / MANIFEST}; the file is corrupted")
-    try:
-        tensors = load_file(str(pkg_dir / TENSORS))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{pkg_dir / TENSORS}: cannot read safetensors ({e})") from e
+    The manifest fits its schema (types, format version, names, consent); the directory holds
+    exactly the files it lists, each a plain file (no link, nothing outside); with `verify` every
+    file's sha256 matches; the tensors are the ones the manifest's shape implies, in an allowed
+    dtype, finite. Nothing is unpickled: safetensors only."""
+    manifest, lazy = open_package(pkg_dir, verify)
+    with FilePool() as pool:
+        tensors = {k: pool.read(t) for k, t in lazy.items()}
+    check_package_tensors(Path(pkg_dir) / TENSORS, manifest, tensors)
     return manifest, tensors
 
 
-DP_FIELDS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sampling_rate", "steps")
+def open_package(pkg_dir: str | Path, verify: bool = True, defer: FilePool | None = None
+                 ) -> tuple[dict[str, Any], dict[str, LazyTensor]]:
+    """Manifest and lazy tensors of a package: `read_package`'s checks except the tensors' values
+    (check those with `check_package_tensors`, or as they stream). With `defer` (the pool the
+    caller's pass reads through), the sha256 of the tensors file is checked by that pass; a
+    refusal met before then names the sha256 mismatch first when there is one."""
+    pkg_dir = Path(pkg_dir)
+    if not pkg_dir.is_dir():
+        raise CheckpointError(f"{pkg_dir}: not a directory (expected an expert package)")
+    manifest = read_record(pkg_dir / MANIFEST, PACKAGE_MANIFEST)
+    files = manifest["files"]
+    if TENSORS not in files:
+        raise CheckpointError(f"{pkg_dir / MANIFEST}: field 'files' does not list {TENSORS}, so nothing proves it unchanged")
+    for entry in sorted(pkg_dir.iterdir()):
+        if entry.name != MANIFEST and entry.name not in files:
+            raise CheckpointError(f"{entry}: not listed in {pkg_dir / MANIFEST}; a package holds only the files it lists")
+    for name, digest in files.items():
+        f = pkg_dir / name
+        if "/" in name or name == MANIFEST or f.is_symlink() or (f.exists() and not f.is_file()):
+            raise CheckpointError(f"{pkg_dir / MANIFEST}: field 'files' lists {name!r}, which is not a plain file "
+                                  "of the package directory")
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if verify and defer is not None:
+            defer.expect(f, digest, pkg_dir / MANIFEST)
+        elif verify and sha256_file(f) != digest:
+            raise CheckpointError(f"{f}: sha256 does not match {pkg_dir / MANIFEST}; the file is corrupted")
+    try:
+        tensors, _ = read_header(pkg_dir / TENSORS)
+        check_package_tensors(pkg_dir / TENSORS, manifest, tensors)
+    except CheckpointError as e:
+        if defer is None:
+            raise
+        raise defer.blame(e, [pkg_dir / TENSORS])
+    return manifest, tensors
+
+
+def check_package_tensors(where: Path, manifest: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """The tensors of one expert (a package's, or an HF anchor's slot 1) are exactly what its
+    manifest's shape implies, each in an allowed dtype and finite; a router bias is `[1]` and <= 0.
+    Lazy tensors (io.stream.LazyTensor) get every check but the values'."""
+    shape = manifest["shape"]
+    L, D, F = shape["num_layers"], shape["d_model"], shape["d_ff"]
+    want: dict[str, tuple[int, ...] | None] = {}
+    for i in range(L):
+        want.update({package_weight_key(i, "gate_proj"): (F, D), package_weight_key(i, "up_proj"): (F, D),
+                     package_weight_key(i, "down_proj"): (D, F), package_router_key(i): (D,)})
+    optional = {"domain_embedding": (D,), "domain_ngram": None}
+    optional.update({package_bias_key(i): (1,) for i in range(L)})
+    optional.update({f"shared.{k}": None for k in manifest.get("shared") or []})
+    for key in want:
+        if key not in tensors:
+            raise CheckpointError(f"{where}: missing tensor {key}, which {manifest.get('shape')} in the manifest implies")
+    for key, t in tensors.items():
+        if key not in want and key not in optional:
+            raise CheckpointError(f"{where}: unexpected tensor {key!r} for the expert its manifest describes")
+        expected = want.get(key, optional.get(key))
+        if expected is not None and tuple(t.shape) != expected:
+            raise CheckpointError(f"{where}: {key} has shape {tuple(t.shape)}, its manifest implies {expected}")
+        if expected is None and (len(t.shape) != 1 if key == "domain_ngram" else len(t.shape) == 0):
+            raise CheckpointError(f"{where}: {key} has shape {tuple(t.shape)}; not a tensor of its kind")
+        if t.dtype not in ALLOWED_DTYPES:
+            raise CheckpointError(f"{where}: {key} is {str(t.dtype).removeprefix('torch.')}; package tensors must be "
+                                  "float32, bfloat16 or float16")
+        if not isinstance(t, LazyTensor):
+            check_package_value(where, key, t)
+
+
+def check_package_value(where: Path, key: str, t: torch.Tensor) -> None:
+    """One package tensor's values: finite, and a router bias <= 0."""
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{where}: {key} holds NaN or Inf values; the expert is broken, do not merge it")
+    layer = package_layer_of(key)
+    if layer is not None and key == package_bias_key(layer) and bool((t > 0).any()):
+        raise CheckpointError(f"{where}: {key} is positive; a router bias may only lower an expert's score "
+                              "(packages clamp it to <= 0)")
+
+
+def profile_budget(meta: dict[str, Any], dp: dict[str, Any] | None, where: Path) -> dict[str, Any]:
+    """`profile_dp` (the DP budget of the owner's n-gram profile, from `router-embed --dp-epsilon`
+    through branch and training) and `privacy_total` (basic composition with the training's `dp`),
+    for the manifest; empty for an exact profile."""
+    from flexmoe.data.private_ngrams import total_budget
+
+    profile_dp = (meta.get("router_embedding") or {}).get("profile_dp")
+    if profile_dp is None:
+        return {}
+    return {"profile_dp": check(profile_dp, PROFILE_DP, where),
+            "privacy_total": total_budget(dp, profile_dp)}
 
 
 def check_dp_record(dp: dict[str, Any] | None, where: Path) -> dict[str, Any] | None:
     """A DP claim in a manifest must state its whole guarantee (see train/privacy.py), or be absent."""
     if dp is None:
         return None
-    missing = [f for f in DP_FIELDS if not isinstance(dp.get(f), (int, float))]
+    missing = [f for f in DP_FIELDS if not isinstance(dp.get(f), (int, float)) or isinstance(dp.get(f), bool)]
     if missing:
         raise CheckpointError(f"{where}: dp record lacks numeric {missing}; train with privacy.enabled=true or drop the dp claim")
-    return dp
+    return check(dp, DP, where)

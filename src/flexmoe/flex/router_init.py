@@ -4,11 +4,16 @@ Default: the mean over the owner's tokens of the public model's hidden state at 
 (the router's own input space). Option: a sentence-transformers embedder given by local path,
 mean document embedding projected to d_model by a fixed, seeded random matrix. Beside the rows,
 the data's n-gram profile (model/docroute.py) for document routing (`routing=anchor_ngram`).
+With `profile_dp` the profile is differentially private (data/private_ngrams.py) and the rows are
+zero: a mean of the owner's data without noise would void the profile's guarantee.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,17 +72,31 @@ def embedder_embedding(embedder_path: str | Path, texts: list[str], d_model: int
 
 def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_file: str | Path, *,
                              seq_len: int = 256, num_windows: int = 128, embedder: str | None = None,
-                             seed: int = 0, ngram_buckets: int = DEFAULT_BUCKETS) -> torch.Tensor:
+                             seed: int = 0, ngram_buckets: int = DEFAULT_BUCKETS,
+                             profile_dp: dict[str, Any] | None = None) -> torch.Tensor:
     """Write `{"router_embedding": [L, D]}` safetensors for the data in `data_dir` under `model_dir`,
     with `"domain_ngram": [ngram_buckets]`, the data's n-gram profile for document routing, unless
-    `ngram_buckets` is 0."""
+    `ngram_buckets` is 0.
+
+    `profile_dp`: keyword arguments of `private_ngram_profile` (epsilon, delta, mechanism, unit,
+    window, cap_bucket, cap_total, noise_seed): the profile is DP, its budget record goes into the
+    file's metadata (`profile_dp`, JSON), and the rows are zero (not computed from the data)."""
     from safetensors.torch import save_file
 
     from flexmoe.data import TokenWindows
 
+    if profile_dp is not None and (embedder or ngram_buckets <= 0):
+        raise ValueError("--dp-epsilon makes the n-gram profile private; it needs --ngram-buckets > 0 and no "
+                         "--embedder (an embedder's domain embedding is a mean of the data without noise)")
     model, cfg, meta = load_model(model_dir)
     windows = TokenWindows(data_dir, seq_len)
-    if embedder:
+    record = None
+    if profile_dp is not None:
+        from flexmoe.data.private_ngrams import private_ngram_profile
+
+        profile, record = private_ngram_profile(data_dir, buckets=ngram_buckets, **profile_dp)
+        rows = torch.zeros(cfg.num_layers, cfg.d_model)
+    elif embedder:
         rows, domain_emb = embedder_embedding(embedder, sample_texts(windows, num_windows), cfg.d_model, cfg.num_layers, seed)
     else:
         rows = hidden_state_embedding(model, windows, num_windows)
@@ -88,11 +107,31 @@ def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_fi
     if embedder:
         tensors["domain_embedding"] = domain_emb.contiguous()
     if ngram_buckets > 0:
-        tensors["domain_ngram"] = ngram_profile(data_dir, ngram_buckets).contiguous()
-    save_file(tensors, str(tmp),
-              metadata={"method": "embedder" if embedder else "hidden_state", "data": str(data_dir)})
+        tensors["domain_ngram"] = (profile if record else ngram_profile(data_dir, ngram_buckets)).contiguous()
+    metadata = {"method": "embedder" if embedder else "zero" if record else "hidden_state", "data": str(data_dir)}
+    if record:
+        metadata["profile_dp"] = json.dumps(record, sort_keys=True)
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(out_file)
     return rows
+
+
+def read_profile_dp(rows_file: str | Path) -> dict[str, Any] | None:
+    """The DP budget record of a `router-embed --dp-epsilon` file's n-gram profile (None: exact
+    profile), checked against its schema."""
+    from safetensors import safe_open
+
+    from flexmoe.io.schema import PROFILE_DP, check
+
+    with safe_open(str(rows_file), "pt") as f:
+        raw = (f.metadata() or {}).get("profile_dp")
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{rows_file}: metadata 'profile_dp' is not JSON ({e}); re-run `flexmoe router-embed`") from e
+    return check(record, PROFILE_DP, f"{rows_file} (metadata profile_dp)")
 
 
 def attach_public_embedding(public_dir: str | Path, rows_file: str | Path) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.io.keys import NATIVE_ONLY, native_shapes
-from flexmoe.io.model_dir import META, CheckpointError, read_json
+from flexmoe.io.model_dir import META, CheckpointError
+from flexmoe.io.schema import HF_META, read_record
 from flexmoe.io.stream import FilePool, LazyTensor, read_header, write_file
 
 EXTRA_DIR = "flexmoe"
@@ -47,7 +48,7 @@ def with_profile_buckets(cfg: ModelConfig, native_only: dict[str, LazyTensor]) -
 
 def read_extras(hf_dir: Path, cfg: ModelConfig) -> tuple[dict[str, LazyTensor], Path | None]:
     """(native-only tensors, public router row file or None) of an HF directory written by export-hf."""
-    meta = read_json(hf_dir / META) if (hf_dir / META).is_file() else {}
+    meta = read_record(hf_dir / META, HF_META) if (hf_dir / META).exists() else {}
     tensors: dict[str, LazyTensor] = {}
     if meta.get("native_only"):
         f = _inside(hf_dir, meta["native_only"])

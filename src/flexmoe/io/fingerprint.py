@@ -1,13 +1,17 @@
-"""The public model's identity: sha256 over its shared tensors and its FFN (the anchor)."""
+"""The public model's identity (sha256 over its shared tensors and its FFN, the anchor), and each
+expert slot's identity in a merged model (`tensor_sha256`)."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from flexmoe.config.model import NATIVE_BUFFERS
-from flexmoe.io.keys import dense_ffn_key, is_router_key, parse_experts_key
+from flexmoe.io.errors import CheckpointError
+from flexmoe.io.keys import EXPERT_WEIGHTS, dense_ffn_key, experts_key, is_router_key, parse_experts_key, router_weight_key
 
 
 def anchor_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,3 +39,84 @@ def fingerprint(sd: dict[str, torch.Tensor]) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# --- per-expert hashes: bind a merged model's expert records to that slot's tensors ------------------
+
+def _tensor_bytes(t) -> Iterator[bytes]:
+    """The C-order bytes of an in-memory tensor (one piece)."""
+    t = t.detach().contiguous().cpu()
+    yield t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def expert_record_keys(num_layers: int) -> list[str]:
+    """The tensors a slot's tensor_sha256 covers, in the order it reads them."""
+    return [key for i in range(num_layers) for key in [experts_key(i, n) for n in EXPERT_WEIGHTS] + [router_weight_key(i)]]
+
+
+def expert_tensor_sha256(sd: Mapping[str, Any], slot: int, num_layers: int,
+                         chunks: Callable[[Any], Iterable[bytes]] = _tensor_bytes) -> str:
+    """sha256 over one expert slot's FFN tensors and router row in every layer (name, dtype, shape, bytes).
+
+    `sd` holds torch tensors, or lazy tensors with `chunks` yielding their bytes (io.stream's
+    `FilePool.chunks`): both give the same digest, so a model too large to load is checked streaming."""
+    h = hashlib.sha256()
+    for key in expert_record_keys(num_layers):
+        if key not in sd:
+            raise CheckpointError(f"tensor {key} missing: not a merged MoE state dict")
+        t = sd[key][slot]
+        h.update(f"{key}[{slot}]|{t.dtype}|{tuple(t.shape)}\n".encode())
+        for c in chunks(t):
+            h.update(c)
+    return h.hexdigest()
+
+
+def verify_expert_hashes(sd: Mapping[str, Any], meta: dict[str, Any], num_layers: int, where: str | Path = "",
+                         chunks: Callable[[Any], Iterable[bytes]] = _tensor_bytes, meta_name: str = "flexmoe.json") -> int:
+    """Check every `tensor_sha256` in meta's experts against `sd`; returns how many were checked.
+
+    Which entries must carry one is the reader's rule (a merged model: all of them, see
+    model_dir.check_model_meta); an entry without one is skipped here."""
+    checked = 0
+    experts = meta.get("experts") or []
+    for j, e in enumerate(experts):
+        want = e.get("tensor_sha256")
+        if not want:
+            continue
+        if j >= _num_slots(sd):
+            raise CheckpointError(f"{Path(where) / meta_name}: lists {len(experts)} experts, the weights hold "
+                                  f"{_num_slots(sd)}; the record does not belong to these weights")
+        try:
+            digest = expert_tensor_sha256(sd, j, num_layers, chunks)
+        except CheckpointError as e:  # name the directory: the bare message names only a tensor
+            raise CheckpointError(f"{where}: {e}") from e
+        if digest != want:
+            raise CheckpointError(f"{Path(where) / meta_name}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) "
+                                  "does not match its tensor_sha256; the expert was swapped or altered, do not use "
+                                  "this model")
+        checked += 1
+    return checked
+
+
+def _num_slots(sd: Mapping[str, Any]) -> int:
+    t = sd.get(router_weight_key(0))
+    return int(t.shape[0]) if t is not None else 0
+
+
+def bind_expert_hashes(experts: list[dict[str, Any]], sd: Mapping[str, Any], num_layers: int,
+                       chunks: Callable[[Any], Iterable[bytes]] = _tensor_bytes, *,
+                       check_against: str | Path | None = None) -> list[dict[str, Any]]:
+    """The experts list with each entry's `tensor_sha256` set from `sd` (one entry per slot, in order).
+
+    Writers call it: a model written by flexmoe always carries hashes that fit its tensors (slots
+    renumbered by remove-expert, routers changed by router tuning). With `check_against` (the
+    file that listed them), an entry's existing hash must match first, as import-hf requires of
+    the hashes an export carried."""
+    out = []
+    for j, e in enumerate(experts):
+        digest = expert_tensor_sha256(sd, j, num_layers, chunks)
+        if check_against is not None and e.get("tensor_sha256") not in (None, digest):
+            raise CheckpointError(f"{check_against}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) does not "
+                                  "match its tensor_sha256; the expert was swapped or altered, do not use this model")
+        out.append(dict(e, tensor_sha256=digest))
+    return out

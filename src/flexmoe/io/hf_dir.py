@@ -16,6 +16,7 @@ from typing import Any
 from flexmoe.config.model import ModelConfig
 from flexmoe.io.keys import HF_FUSED_KEY as _FUSED, hf_shapes, key_pairs
 from flexmoe.io.model_dir import CheckpointError, read_json
+from flexmoe.io.schema import HF_CONFIG as HF_CONFIG_SCHEMA, HF_META, check, read_record
 from flexmoe.io.stream import LazyTensor, read_header, stack
 
 INDEX, SINGLE, HF_CONFIG = "model.safetensors.index.json", "model.safetensors", "config.json"
@@ -71,6 +72,7 @@ def open_hf_dir(path: str | Path) -> HFCheckpoint:
     if hf_architecture(path) is None and (path / "flexmoe.json").is_file():
         raise CheckpointError(f"{path / HF_CONFIG}: is a native flexmoe config, not a Hugging Face one; "
                               "this directory needs no import (export-hf converts the other way)")
+    check(hf, HF_CONFIG_SCHEMA, path / HF_CONFIG)
     try:
         cfg = config_from_hf(hf, source=str(path / HF_CONFIG))
     except (KeyError, TypeError) as e:
@@ -189,8 +191,8 @@ def listed_expert_names(path: Path, num_experts: int) -> list[dict[str, Any]] | 
     """Expert names from the directory's flexmoe.json (written by export-hf), else from README.md front
     matter (`owner:` / `domain:` lines name slot 1 of a 2-expert anchor); None when neither names them."""
     meta_file = path / "flexmoe.json"
-    if meta_file.is_file():
-        listed = read_json(meta_file).get("experts") or []
+    if meta_file.exists():
+        listed = read_record(meta_file, HF_META).get("experts") or []
         if len(listed) == num_experts and all("owner" in e and "domain" in e for e in listed):
             return [dict(e, slot=j) for j, e in enumerate(listed)]
     readme = path / "README.md"

@@ -73,6 +73,37 @@ def is_shared_key(key: str) -> bool:
     return ".ffn." not in key
 
 
+SHARED_PREFIX = "shared."  # a package's copy of a shared tensor it trained (BAR stages)
+
+
+# --- storage order: how tensors are laid out in the files flexmoe writes -----------------------------
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+# Per layer, what `expert_tensor_sha256` reads, in its order: the expert weights, then the router row
+# (native MoE names and package names alike); the router bias follows.
+_RECORD_RANK = {**{f"ffn.experts.{w}": i for i, w in enumerate(EXPERT_WEIGHTS)}, **{w: i for i, w in enumerate(EXPERT_WEIGHTS)},
+                "ffn.router.weight": 3, "router": 3, "ffn.router.bias": 4, "bias": 4}
+
+
+def storage_rank(key: str) -> tuple:
+    """Sort key of the order MoE models and packages are written in: keys outside layers by name
+    (before `layers.` or after it), layers by number, and in a layer everything else by name, then
+    gate, up, down, router row, bias, the order a slot's tensor_sha256 reads them. A package's
+    `shared.NAME` copy sits where NAME does. So merge and remove-expert read their inputs front to
+    back, which lets one pass both verify an input file's sha256 and hash every output slot."""
+    name = key[len(SHARED_PREFIX):] if key.startswith(SHARED_PREFIX) else key
+    m = _LAYER_KEY.match(name)
+    if m is None:
+        return (0 if name < "layers." else 2, 0, 0, 0, name, key)
+    rank = _RECORD_RANK.get(m.group(2))
+    return (1, int(m.group(1)), 0 if rank is None else 1, rank or 0, m.group(2), key)
+
+
+def storage_order(keys, moe: bool) -> list[str]:
+    """The order tensors are written in: dense models by name (the fingerprint's order, so one read
+    both hashes the file and fingerprints it), MoE models and packages by `storage_rank`."""
+    return sorted(keys, key=storage_rank) if moe else sorted(keys)
+
+
 # Name patterns (fnmatch) of the parameter groups freeze plans refer to.
 EMBEDDING_GLOBS = ("embed.*", "lm_head.*")
 NORM_GLOBS = ("norm.*", "layers.*.attn_norm.*", "layers.*.ffn_norm.*")
@@ -205,3 +236,9 @@ def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.doc_ngram_buckets > 0:
             out["domain_ngrams"] = (cfg.num_experts, cfg.doc_ngram_buckets)
     return out
+
+
+# The n-gram profiles `[E, buckets]` in a document-routing Hugging Face release (export-hf of an
+# anchor_ngram merge): the buffer `profiles` of the release's `doc_router` module
+# (convert/remote/modeling_flexmoe_doc.py), native `domain_ngrams`.
+HF_DOC_PROFILES = "doc_router.profiles"

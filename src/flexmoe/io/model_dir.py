@@ -1,6 +1,11 @@
-"""Native model directories: `config.json` + `model.safetensors` + `flexmoe.json`, written atomically.
+"""Native model directories: `config.json` + weights + `flexmoe.json`, written atomically.
 
-Everything here is safetensors and JSON: nothing that crosses an organisation is a pickle.
+The weights are one `model.safetensors`, or shards with `model.safetensors.index.json` (io/shards.py,
+Hugging Face's layout); every reader takes both, and flexmoe.json lists every file with its sha256.
+
+Everything here is safetensors and JSON: nothing that crosses an organisation is a pickle. Every
+read checks flexmoe.json against its schema (io/schema.py) and, unless the caller verified the
+directory already, every listed file's sha256 and every expert slot's tensor_sha256.
 """
 
 from __future__ import annotations
@@ -13,22 +18,23 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from flexmoe.io.files import atomic_output_dir, sha256_file  # noqa: F401  (re-exported)
+from flexmoe.io.errors import CheckpointError  # defined there so io/schema and io/fingerprint can raise it
+from flexmoe.io.files import atomic_output_dir, is_temp_dir, sha256_file  # noqa: F401  (re-exported)
+from flexmoe.io.fingerprint import verify_expert_hashes
+from flexmoe.io.schema import MODEL_META, RESERVED_NAMES, check
+from flexmoe.io.shards import INDEX, is_weight_file, read_weights, weight_layout
 
 from flexmoe.config.model import ModelConfig
 
 CONFIG, WEIGHTS, META = "config.json", "model.safetensors", "flexmoe.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or package on disk is missing, corrupted or does not fit."""
-
-
-def atomic_dir(dst: str | Path, overwrite: bool = False):
-    """Yield a temp dir beside `dst`; rename it to `dst` only if the block finishes."""
-    return atomic_output_dir(dst, overwrite=overwrite, error=CheckpointError)
+def atomic_dir(dst: str | Path, overwrite: bool = False, flag: str | None = None):
+    """Yield a temp dir beside `dst`; rename it to `dst` only if the block finishes. `flag`: the
+    command's option that allows replacing a non-empty `dst` (named in the refusal)."""
+    return atomic_output_dir(dst, overwrite=overwrite, error=CheckpointError, flag=flag)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -43,47 +49,152 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
 def save_model_dir(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
-                   extra_files: dict[str, Path] | None = None, overwrite: bool = False) -> Path:
-    """Write a native model directory atomically; `meta` lands in flexmoe.json with file sha256s."""
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
-        cfg.save(tmp / CONFIG)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / WEIGHTS))
+                   extra_files: dict[str, Path] | None = None, overwrite: bool = False,
+                   max_shard_size: int | str | None = None, progress=None) -> Path:
+    """Write a native model directory atomically; `meta` lands in flexmoe.json with file sha256s.
+
+    Tensors are written one at a time straight from memory (no serialised copy of the model), as
+    one file or as shards of at most `max_shard_size` (bytes, or '5GB'); see io.native.write_native.
+    An MoE's expert records (one per slot) get each slot's tensor_sha256 from `state_dict`: a model
+    flexmoe writes always carries hashes that fit it (merge, router tuning)."""
+    from flexmoe.io.native import write_native  # native reads directories with this module's checks
+    from flexmoe.io.stream import FilePool
+
+    experts = meta.get("experts") or []
+    bind = cfg.is_moe and len(experts) == cfg.num_experts and (meta.get("kind") == "merged"
+                                                              or any("tensor_sha256" in e for e in experts))
+    with FilePool() as pool, atomic_dir(dst, overwrite=overwrite) as tmp:
         for name, src in (extra_files or {}).items():
             if Path(src).is_dir():
                 shutil.copytree(src, tmp / name)
             else:
                 shutil.copy2(src, tmp / name)
-        meta = dict(meta, files={WEIGHTS: sha256_file(tmp / WEIGHTS), CONFIG: sha256_file(tmp / CONFIG)})
-        write_json(tmp / META, meta)
+        write_native(tmp, cfg, state_dict, meta, pool, progress, max_shard_size=max_shard_size, bind_experts=bind)
     return Path(dst)
 
 
-def verify_files(src: Path, meta: dict[str, Any]) -> None:
-    """Every file listed in flexmoe.json's `files` must exist with its recorded sha256."""
+def read_model_meta(src: str | Path) -> dict[str, Any]:
+    """flexmoe.json of a native model directory, checked against its schema and the directory.
+
+    A directory without one is refused: it is what lists the files' sha256s, so a model without it
+    could be anything (a Hugging Face directory needs `flexmoe import-hf`)."""
+    src = Path(src)
+    if not (src / META).is_file():
+        raise CheckpointError(f"{src / META}: missing; a flexmoe model directory records its files' sha256s there "
+                              "(made by train, branch, merge or import-hf; a Hugging Face directory needs "
+                              "`flexmoe import-hf`)")
+    meta = read_json(src / META)
+    check(meta, MODEL_META, src / META)
+    check_model_meta(src, meta)
+    return meta
+
+
+def check_model_meta(src: Path, meta: dict[str, Any]) -> None:
+    """What the schema cannot say: weights and config hashed, shipped files hashed, expert records sound."""
+    files = meta["files"]
+    for name in (INDEX if INDEX in files else WEIGHTS, CONFIG):
+        if name not in files:
+            raise CheckpointError(f"{src / META}: field 'files' does not list {name}, so nothing proves it unchanged")
+    shipped = (meta.get("router_embedding") or {}).get("router_public")
+    if shipped and shipped not in files:
+        raise CheckpointError(f"{src / META}: field 'router_embedding.router_public' names {shipped!r}, "
+                              "which 'files' does not hash")
+    experts = meta.get("experts") or []
+    for j, e in enumerate(experts):
+        if e.get("slot", j) != j:
+            raise CheckpointError(f"{src / META}: field 'experts[{j}].slot' is {e['slot']}, not its position {j}")
+        if j > 0 and {e["owner"].lower(), e["domain"].lower()} & set(RESERVED_NAMES):
+            raise CheckpointError(f"{src / META}: field 'experts[{j}]' is named 'public', which only slot 0 may be")
+        # Every record of a merged model is bound to its slot's tensors; one without a hash could
+        # carry any consent for any weights.
+        if meta.get("kind") == "merged" and not e.get("tensor_sha256"):
+            raise CheckpointError(f"{src / META}: field 'experts[{j}].tensor_sha256' is missing; every expert of a "
+                                  "merged model carries one (merge again)")
+
+
+def verify_files(src: Path, meta: dict[str, Any], defer=None) -> None:
+    """Every file listed in flexmoe.json's `files` must be a plain file inside `src` with its recorded sha256.
+
+    `defer` (an io.stream.FilePool): the weight files are not hashed here but registered with it, to be
+    hashed by the pass that reads them (`FilePool.check_expected` refuses a mismatch)."""
+    root = Path(src).resolve()
     for name, digest in meta.get("files", {}).items():
-        if not (src / name).is_file():
-            raise CheckpointError(f"{src / name}: missing")
-        if sha256_file(src / name) != digest:
-            raise CheckpointError(f"{src / name}: sha256 does not match {src / META}; the file is corrupted")
+        f = src / name
+        if f.is_symlink() or not f.resolve().is_relative_to(root):
+            raise CheckpointError(f"{f}: a link or outside {src}; {src / META} may list only plain files inside it")
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if defer is not None and is_weight_file(name) and name != INDEX:
+            defer.expect(f, digest, src / META)
+        elif sha256_file(f) != digest:
+            raise CheckpointError(f"{f}: sha256 does not match {src / META}; the file is corrupted")
+
+
+def check_weight_listing(src: Path, meta: dict[str, Any]) -> list[str]:
+    """The weight files on disk (io.shards.weight_layout) are the ones flexmoe.json lists; returns them."""
+    names = weight_layout(src)
+    files = meta.get("files", {})
+    for name in names:
+        if name not in files:
+            raise CheckpointError(f"{src / META}: field 'files' does not list {name}, so nothing proves it unchanged")
+    stale = sorted(n for n in files if is_weight_file(n) and n not in names)
+    if stale:
+        raise CheckpointError(f"{src / META}: field 'files' lists {stale[0]}, which is not part of the model's "
+                              f"weights ({names[0]}); the listing is not this directory's")
+    return names
 
 
 def load_model_dir(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a native model directory; with `verify`, file sha256s must match flexmoe.json."""
+    """Read a native model directory; flexmoe.json is always schema-checked, and with `verify` the
+    file sha256s and every expert's tensor_sha256 must match it."""
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory (expected a flexmoe model directory)")
-    meta = read_json(src / META) if (src / META).exists() else {}
+    if not (src / CONFIG).is_file() and (src / "manifest.json").is_file():
+        raise CheckpointError(f"{src}: is an expert package, not a model; merge it with the public model first")
+    refuse_temp_dir(src)
+    meta = read_model_meta(src)
     if verify:
         verify_files(src, meta)
-    cfg = ModelConfig.load(src / CONFIG)
+    names = check_weight_listing(src, meta)
     try:
-        sd = load_file(str(src / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{src / WEIGHTS}: cannot read safetensors ({e})") from e
+        cfg = ModelConfig.load(src / CONFIG)
+    except ValueError as e:
+        raise CheckpointError(str(e).splitlines()[0]) from e
+    if names != [WEIGHTS]:
+        read_weights(src)  # the index against the shards' headers, both ways
+    sd: dict[str, torch.Tensor] = {}
+    for name in names[1:] if names[0] == INDEX else names:
+        try:
+            sd.update(load_file(str(src / name)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{src / name}: cannot read safetensors ({e})") from e
+    if verify and cfg.is_moe:
+        try:
+            verify_expert_hashes(sd, meta, cfg.num_layers, src)
+        except (IndexError, RuntimeError) as e:  # tensors of another shape than the config says
+            raise CheckpointError(f"{src / WEIGHTS}: expert tensors do not fit {src / CONFIG} ({e})") from e
     return cfg, sd, meta
+
+
+def refuse_temp_dir(src: Path) -> None:
+    """A writer's temporary directory (left by a killed run) is never read as a model."""
+    if is_temp_dir(src):
+        raise CheckpointError(f"{src}: the temporary directory of an interrupted write, not a finished model; "
+                              "delete it and run the command again")
+
+
+def refuse_overlap(out: str | Path, inputs: list[str | Path], flag: str) -> None:
+    """Refuse an output directory that is, holds or sits inside one of the inputs: writing it
+    would replace or change what is being read."""
+    o = Path(out).resolve()
+    for i in map(Path, inputs):
+        r = i.resolve()
+        if o == r or o.is_relative_to(r) or r.is_relative_to(o):
+            raise CheckpointError(f"{out}: {flag} overlaps the input {i}; choose a directory outside every input")

@@ -1,24 +1,51 @@
 """Native model directories as lazy tensors: opened with every check, written streaming.
 
-The same layout as `safetensors_io.save_model_dir` (config.json, model.safetensors with experts
-stacked `[E, ...]`, flexmoe.json with file sha256s), for models too large to hold in memory.
+The same layout as `model_dir.save_model_dir` (config.json, weights with experts stacked `[E, ...]`
+as one model.safetensors or as shards with an index, flexmoe.json with every file's sha256), for
+models too large to hold in memory. `write_native` is the one writer of native weights: branch,
+merge, remove-expert, import-hf and `save_model_dir` (the trainer's final save) all go through it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.io.keys import NATIVE_ONLY, native_shapes
+from flexmoe.io.keys import NATIVE_ONLY, native_shapes, storage_order
 from flexmoe.io.hf_dir import hf_architecture
-from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, CheckpointError, read_json, verify_files, write_json
+from flexmoe.io.model_dir import (CONFIG, META, CheckpointError, check_weight_listing, read_model_meta, refuse_temp_dir,
+                                  verify_files, write_json)
 from flexmoe.io.files import sha256_file
-from flexmoe.io.stream import FilePool, LazyTensor, read_header, write_file
+from flexmoe.io.fingerprint import expert_record_keys, verify_expert_hashes
+from flexmoe.io.schema import MODEL_FORMAT
+from flexmoe.io.shards import read_weights
+from flexmoe.io.stream import FilePool, LazyTensor
+from flexmoe.io.writer import ExpertHashTap, Source, Tap, write_tensors
 
 
-def open_native(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict[str, LazyTensor], dict[str, Any]]:
-    """Config, lazy tensors and meta of a native directory; sha256s, key set and shapes checked."""
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB' (decimal, as Hugging Face counts), '500MiB' or a plain byte count -> bytes; None stays None."""
+    import re
+
+    if text is None:
+        return None
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
+        raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
+
+
+def open_native(src: str | Path, verify: bool = True, defer: FilePool | None = None
+                ) -> tuple[ModelConfig, dict[str, LazyTensor], dict[str, Any]]:
+    """Config, lazy tensors and meta of a native directory (one file or sharded); flexmoe.json's
+    schema, the weight files it lists, the index, key set and shapes checked, and with `verify` the
+    file sha256s and every expert's tensor_sha256 (read streaming).
+
+    With `defer` (the pool the caller's pass reads through), the weight files' sha256s are checked
+    by that pass instead (`FilePool.check_expected`) and expert hashes are left to the caller."""
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory (expected a flexmoe model directory)")
@@ -28,31 +55,77 @@ def open_native(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict
     if arch is not None:
         raise CheckpointError(f"{src / CONFIG}: is a Hugging Face config ({arch}), not a flexmoe one; "
                               "`flexmoe import-hf` turns the directory into a native model")
-    meta = read_json(src / META) if (src / META).is_file() else {}
+    refuse_temp_dir(src)
+    meta = read_model_meta(src)
     if verify:
-        verify_files(src, meta)
+        verify_files(src, meta, defer=defer)
+    names = check_weight_listing(src, meta)
     try:
         cfg = ModelConfig.load(src / CONFIG)
     except ValueError as e:
         raise CheckpointError(str(e).splitlines()[0]) from e
-    tensors, _ = read_header(src / WEIGHTS)
+    try:
+        tensors = read_weights(src)
+    except CheckpointError as e:
+        raise defer.blame(e) if defer is not None else e
+    where = src / names[0]
     want = native_shapes(cfg)
     missing = sorted(set(want) - set(tensors) - set(NATIVE_ONLY))
     extra = sorted(set(tensors) - set(want))
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has unexpected tensor {extra[0]}"
-        raise CheckpointError(f"{src / WEIGHTS}: {what} for the model {src / CONFIG} describes")
+        raise CheckpointError(f"{where}: {what} for the model {src / CONFIG} describes")
     for k, shape in want.items():
         if k in tensors and tensors[k].shape != shape:
-            raise CheckpointError(f"{src / WEIGHTS}: {k} has shape {list(tensors[k].shape)}, {src / CONFIG} implies {list(shape)}")
+            raise CheckpointError(f"{tensors[k].path}: {k} has shape {list(tensors[k].shape)}, {src / CONFIG} implies "
+                                  f"{list(shape)}")
+    if verify and defer is None and cfg.is_moe:
+        with FilePool() as pool:
+            verify_expert_hashes(tensors, meta, cfg.num_layers, src, chunks=pool.chunks)
     return cfg, tensors, meta
 
 
-def write_native(tmp: Path, cfg: ModelConfig, tensors: dict[str, LazyTensor], meta: dict[str, Any], pool: FilePool,
-                 progress=None, hashed: tuple[str, ...] = ()) -> None:
-    """Write a native directory's files into `tmp` (the caller's `atomic_dir`); meta gains the sha256s
-    of the weights, the config and the files named in `hashed` (already in `tmp`)."""
-    weights_sha = write_file(tmp / WEIGHTS, tensors, pool, metadata={"format": "pt"}, progress=progress)
+def expert_tap(cfg: ModelConfig, labels: list[list[int]] | None = None) -> ExpertHashTap:
+    """A tap computing every slot's tensor_sha256 as the weights are written (labels: see ExpertHashTap)."""
+    return ExpertHashTap(expert_record_keys(cfg.num_layers), labels or [[j] for j in range(cfg.num_experts)])
+
+
+def write_native(tmp: Path, cfg: ModelConfig, tensors: dict[str, Source], meta: dict[str, Any], pool: FilePool,
+                 progress=None, hashed: tuple[str, ...] = (), *, max_shard_size: int | str | None = None,
+                 bind_experts: bool = False, taps: tuple[Tap, ...] = (),
+                 finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 order: list[str] | None = None) -> dict[str, Any]:
+    """Write a native directory's files into `tmp` (the caller's `atomic_dir`); returns the meta written.
+
+    `tensors`: lazy tensors (byte spans of input files), tensors in memory, or io.writer's Stacked /
+    Generated, in any mix; written in `keys.storage_order` (or `order`), as one model.safetensors or as shards
+    of at most `max_shard_size` (bytes or '5GB') with model.safetensors.index.json. Every file's
+    sha256 is taken from the bytes as they are written. With `bind_experts`, meta's `experts`
+    records get each slot's tensor_sha256 from the same pass. Input files registered with
+    `pool.expect` are verified after the pass, then `finish(meta)` runs (a caller's checks of what
+    its taps saw; it may raise, and returns the meta to write). meta gains the sha256s of the
+    weights, the config and the files named in `hashed` (already in `tmp`)."""
+    order = storage_order(tensors, cfg.is_moe) if order is None else order
+    bind = expert_tap(cfg) if bind_experts else None
+    try:
+        files = write_tensors(tmp, {k: tensors[k] for k in order}, pool, max_shard_size=parse_size(max_shard_size),
+                              taps=(*taps, *([bind] if bind else [])), progress=progress)
+        pool.check_expected()
+    except CheckpointError as e:  # a corrupted input explains whatever went wrong while it was read
+        err = pool.blame(e)
+        if err is e:
+            raise
+        raise err from e
+    if bind is not None:
+        digests = bind.digests()
+        meta = dict(meta, experts=[dict(e, tensor_sha256=digests[(j, j)]) for j, e in enumerate(meta["experts"])])
+    if finish is not None:
+        meta = finish(meta)
     cfg.save(tmp / CONFIG)
-    files = {WEIGHTS: weights_sha, CONFIG: sha256_file(tmp / CONFIG), **{n: sha256_file(tmp / n) for n in hashed}}
-    write_json(tmp / META, dict(meta, files=files))
+    files = {**files, CONFIG: sha256_file(tmp / CONFIG), **{n: sha256_file(tmp / n) for n in hashed}}
+    meta = {"format": MODEL_FORMAT, **meta, "files": files}
+    write_json(tmp / META, meta)
+    from flexmoe.io.writer import kill_point
+
+    kill_point("meta")
+    return meta

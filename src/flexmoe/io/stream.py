@@ -11,6 +11,7 @@ unpickled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -22,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from flexmoe.io.model_dir import CheckpointError
+from flexmoe.io.errors import CheckpointError
 from flexmoe.io.files import sha256_file
 
 DTYPES = {
@@ -74,6 +75,11 @@ class LazyTensor:
         """Slot j along dim 0 (so `fingerprint.anchor_view`'s `v[0]` works on lazy tensors)."""
         r = self.rows(j, j + 1)
         return LazyTensor(self.dtype, self.shape[1:], r.spans)
+
+    def flat(self, start: int, stop: int) -> "LazyTensor":
+        """Elements [start, stop) of the flattened tensor, as a 1-D lazy tensor."""
+        size = self.dtype.itemsize
+        return LazyTensor(self.dtype, (stop - start,), _cut(self.spans, start * size, (stop - start) * size))
 
 
 def stack(parts: list[LazyTensor]) -> LazyTensor:
@@ -142,11 +148,87 @@ def read_header(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, str]
 
 
 class FilePool:
-    """Open read handles by path, closed together; one reusable chunk buffer."""
+    """Open read handles by path, closed together; one reusable chunk buffer.
+
+    A file registered with `expect(path, sha256, ...)` is hashed as it is read: bytes read at the
+    position hashed so far extend the hash, a read at most one chunk further first hashes the gap
+    (re-reading it: counted in `gap_bytes`), a read behind or far ahead adds nothing.
+    `check_expected()` hashes what no read reached (also counted) and refuses a mismatch. So an
+    input is verified by the pass that copies it, and read once when the pass follows its file
+    order (keys.storage_order); any other order costs re-reads, never a wrong answer."""
 
     def __init__(self, chunk: int = CHUNK):
         self._files: dict[Path, Any] = {}
         self._buf = bytearray(chunk)
+        self._expect: dict[Path, tuple[str, str]] = {}  # path -> (sha256, file that records it)
+        self._hash: dict[Path, tuple[Any, int]] = {}  # path -> (running sha256, bytes hashed)
+        self.gap_bytes = 0
+        # When a list (io.writer sets one), hash updates of data just read are queued here for the
+        # writer to run in parallel with its own; whatever is left runs before the next read.
+        self.jobs: list | None = None
+
+    def _flush(self) -> None:
+        if self.jobs:
+            pending, self.jobs[:] = list(self.jobs), []
+            for job in pending:
+                job()
+
+    def expect(self, path: Path, digest: str, recorded_in: Path | str) -> None:
+        """Verify `path` against `digest` (listed in `recorded_in`) as it is read."""
+        path = Path(path)
+        self._expect[path] = (digest, str(recorded_in))
+        self._hash[path] = (hashlib.sha256(), 0)
+
+    def _track(self, path: Path, start: int, data) -> None:
+        state = self._hash.get(path)
+        if state is None:
+            return
+        h, pos = state
+        if start > pos + len(self._buf):
+            return  # far ahead (a small tensor read up front): hashed when the hash gets there
+        if start > pos:  # a few bytes skipped over (a router row read up front): hash them now
+            self._hash_range(path, h, pos, start)
+            pos = start
+        end = start + len(data)
+        if end > pos:
+            if self.jobs is not None:
+                self.jobs.append(functools.partial(h.update, memoryview(data)[pos - start:]))
+            else:
+                h.update(memoryview(data)[pos - start:])
+            pos = end
+        self._hash[path] = (h, pos)
+
+    def _hash_range(self, path: Path, h, start: int, stop: int) -> None:
+        self._flush()
+        f, buf = self._file(path), bytearray(min(len(self._buf), max(stop - start, 0)) or 1)
+        f.seek(start)
+        while start < stop:
+            got = f.readinto(memoryview(buf)[:min(len(buf), stop - start)])
+            if not got:
+                break  # a short file: its hash will not match
+            h.update(memoryview(buf)[:got])
+            start += got
+            self.gap_bytes += got
+
+    def check_expected(self, paths=None) -> None:
+        """Finish the hashes of the expected files (all, or `paths`); refuse the first that differs."""
+        for path in list(self._expect if paths is None else paths):
+            if path not in self._hash:
+                continue
+            h, pos = self._hash.pop(path)
+            self._hash_range(path, h, pos, path.stat().st_size)
+            digest, recorded_in = self._expect.pop(path)
+            if h.hexdigest() != digest:
+                raise CheckpointError(f"{path}: sha256 does not match {recorded_in}; the file is corrupted")
+
+    def blame(self, error: Exception, paths=None) -> Exception:
+        """The error to report for a refusal met while files were still being verified: a file whose
+        sha256 does not match comes first (it explains the rest), as if it had been checked up front."""
+        try:
+            self.check_expected(paths)
+        except CheckpointError as e:
+            return e
+        return error
 
     def __enter__(self) -> "FilePool":
         return self
@@ -168,12 +250,14 @@ class FilePool:
         for s in t.spans:
             f, done = self._file(s.path), 0
             while done < s.length:
+                self._flush()  # queued hashes of the last chunk read, before its buffer is reused
                 # Spans of tensors are whole elements, so every chunk stays aligned.
                 want = min(step, s.length - done)
                 f.seek(s.start + done)
                 got = f.readinto(view[:want])
                 if got != want:
                     raise CheckpointError(f"{s.path}: ended early while reading; the file changed or is truncated")
+                self._track(s.path, s.start + done, view[:got])
                 done += got
                 yield view[:got]
 
@@ -186,12 +270,13 @@ class FilePool:
         fast = hasattr(os, "copy_file_range")
         for s in t.spans:
             done = 0
-            while fast and done < s.length:
+            direct = fast and s.path not in self._hash  # a file being verified passes through the hash
+            while direct and done < s.length:
                 try:
                     n = os.copy_file_range(self._file(s.path).fileno(), out.fileno(), min(COPY_STEP, s.length - done),
                                            s.start + done)
                 except OSError:  # e.g. a filesystem or kernel without it: the rest goes the slow way
-                    fast = False
+                    fast = direct = False
                     break
                 if n == 0:
                     raise CheckpointError(f"{s.path}: ended early while reading; the file changed or is truncated")
@@ -204,6 +289,7 @@ class FilePool:
 
     def read(self, t: LazyTensor) -> torch.Tensor:
         """The whole tensor in memory (for small tensors, or one expert slot)."""
+        self._flush()
         out = torch.empty(t.nbytes, dtype=torch.uint8)
         buf, pos = out.numpy(), 0
         for s in t.spans:
@@ -211,6 +297,7 @@ class FilePool:
             f.seek(s.start)
             if f.readinto(memoryview(buf)[pos:pos + s.length]) != s.length:
                 raise CheckpointError(f"{s.path}: ended early while reading; the file changed or is truncated")
+            self._track(s.path, s.start, memoryview(buf)[pos:pos + s.length])
             pos += s.length
         return out.view(t.dtype).reshape(t.shape)
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.config.model import ModelConfig
+from flexmoe.model.linear import Linear
 from flexmoe.model.norm import RMSNorm
 from flexmoe.model.rope import apply_rope
 
@@ -25,10 +26,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_head
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
-        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, q_dim, bias=False)
+        self.k_proj = Linear(cfg.d_model, kv_dim, bias=False)
+        self.v_proj = Linear(cfg.d_model, kv_dim, bias=False)
+        self.o_proj = Linear(q_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(q_dim, cfg.norm_eps, cfg.norm_impl)
         self.k_norm = RMSNorm(kv_dim, cfg.norm_eps, cfg.norm_impl)
         if cfg.attn_impl == "flash" and _flash_attn_func is None:

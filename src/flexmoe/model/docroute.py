@@ -15,7 +15,8 @@ over the owner's tokens and no model, and masking a profile (opt-out) leaves the
 unchanged, so opt-out stays exact.
 
 A profile is an aggregate statistic of the owner's data (like the router embedding): a DP owner
-either leaves it out or accepts that it is not covered by the DP guarantee (see train/privacy.py).
+leaves it out, makes it DP (`router-embed --dp-epsilon`, data/private_ngrams.py), or accepts that
+it is not covered by the DP guarantee (see train/privacy.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def document_scores(tokens_BS: torch.Tensor, profiles_EB: torch.Tensor) -> torch
     valid = ids_BSK >= 0
     lp_BSKE = profiles_EB.float().T[ids_BSK.clamp(min=0)]  # [B, S, K, E]
     lp_BSE = (lp_BSKE * valid[..., None]).sum(2)
-    return lp_BSE.cumsum(1)
+    # Accumulated in fp64, as CPU's fp32 cumsum does anyway (bit-identical there): the Hugging Face
+    # release keeps the same fp64 running sum token by token while decoding, and on CUDA an fp32
+    # scan would otherwise round differently from it.
+    return lp_BSE.double().cumsum(1).float()
 
 
 def ngram_choice(tokens_BS: torch.Tensor, profiles_EB: torch.Tensor,

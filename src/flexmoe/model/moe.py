@@ -15,6 +15,7 @@ from torch import nn
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.io.keys import EXPERT_WEIGHTS
+from flexmoe.model.linear import as_compute
 
 FROZEN_SUFFIX = "_frozen"
 
@@ -175,8 +176,10 @@ class GroupedExperts(nn.Module):
         # gradient, zero or not, on every rank: FSDP's reduce-scatter and the expert-parallel
         # all-to-all need all ranks to agree on which tensors take part.
         for e, x_e in enumerate(torch.split(x_ND, counts_E.tolist())):
-            h = F.silu(F.linear(x_e, self.slot("gate_proj", e))) * F.linear(x_e, self.slot("up_proj", e))
-            outs.append(F.linear(h, self.slot("down_proj", e)))
+            # as_compute: a frozen slot kept in its stored dtype (bf16) computes as its fp32 copy would
+            w = {n: as_compute(self.slot(n, e), x_e) for n in EXPERT_WEIGHTS}
+            h = F.silu(F.linear(x_e, w["gate_proj"])) * F.linear(x_e, w["up_proj"])
+            outs.append(F.linear(h, w["down_proj"]))
         if not outs:
             return x_ND.new_zeros(x_ND.shape)
         return torch.cat(outs)

@@ -12,6 +12,7 @@ from flexmoe.config.model import NATIVE_BUFFERS, ModelConfig
 from flexmoe.model.attention import Attention
 from flexmoe.model.docroute import ngram_choice
 from flexmoe.model.ffn import DenseFFN
+from flexmoe.model.linear import Linear
 from flexmoe.model.loss import cross_entropy_from_logits, linear_cross_entropy
 from flexmoe.model.moe import MoE, Routing
 from flexmoe.model.norm import RMSNorm
@@ -52,7 +53,10 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_impl)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # The residual stream's dtype when set (training sets fp32: frozen weights may stay bf16
+        # while the activations run in fp32); None follows the embedding's dtype.
+        self.compute_dtype: torch.dtype | None = None
         self.rope = RotaryEmbedding(cfg.dim_head, cfg.rope_theta)
         if cfg.is_moe:
             # Per-expert mean layer-0 FFN input of its owner's data (slot 0: public data), for
@@ -66,16 +70,20 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.is_meta:  # shape-only models (dry runs of 30B+ layouts) hold no values
                 continue
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("router.bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(self.init_value(name, p.shape, self.cfg.init_std, gen))
+
+    @staticmethod
+    def init_value(name: str, shape, std: float, gen: torch.Generator | None) -> torch.Tensor:
+        """The initial value of parameter `name` (in an unfrozen model's order, each call draws
+        from `gen`): what reset_parameters copies in, and what a sharded build slices its part of."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        if name.endswith("router.bias"):
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=gen) * std
 
     # --- MoE helpers -----------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
@@ -133,6 +141,8 @@ class Transformer(nn.Module):
         """
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
         cos, sin = self.rope(S, x.device)
         captured: list[torch.Tensor] | None = [] if capture_hidden else None
         choice = None

@@ -7,6 +7,9 @@ built from trainable parameters only, so they get no optimizer state.
 
 Under expert parallelism each block's experts form their own FSDP unit on the expert-data-
 parallel axes (ranks holding the same experts), sharded on dim 1 because dim 0 belongs to ep.
+Without it expert stacks are sharded on dim 1 too: their dim 0 counts experts, and a frozen
+anchor stack `[1, d_ff, d_model]` (or FlexOlmo's one trainable expert) sharded on it would sit
+whole on the first rank and leave the others nothing.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: str = "fp3
                 experts.set_force_sum_reduction_for_comms(True)
         # One unit per block. The transformer calls a block's steps (attend, feed) rather than the
         # block itself, so the unit is the block's children: FSDP2 gathers them at the first one.
-        fully_shard(list(block.children()), mesh=dp_mesh, mp_policy=mp)
+        stacks = {id(p) for p in block.ffn.experts.parameters()} if isinstance(block.ffn, MoE) else set()
+        fully_shard(list(block.children()), mesh=dp_mesh, mp_policy=mp,
+                    shard_placement_fn=lambda p, stacks=stacks: Shard(1) if id(p) in stacks else None)
     fully_shard(model.embed, mesh=dp_mesh, mp_policy=mp)
     # The final norm and head run back to back: one unit, one all-gather. Not resharded after
     # forward because backward needs them first.

@@ -49,6 +49,9 @@ def evaluate_lifecycle(public_dir: Path, merged_dir: Path, expert_dirs: dict[str
             alt = type(merged)(mcfg.replace(routing=policy))
             alt.load_state_dict(merged.state_dict())
             ppl[f"merged[routing={policy}]"] = row(model_logprobs(alt.eval()))
+    release = hf_release_logprobs(merged_dir)
+    if release is not None:  # the export-hf release, run by transformers (trust_remote_code for anchor_*)
+        ppl["merged[hf-release]"] = row(release)
     ppl["soup"] = row(model_logprobs(soup_model(merged)))
     ppl["btm-ensemble"] = row(ensemble_logprobs([m.eval() for m in experts.values()]))
     shares = {d: routing_shares(merged, w, num_windows=min(num_windows, 16)) for d, w in windows.items()}
@@ -61,6 +64,27 @@ def evaluate_lifecycle(public_dir: Path, merged_dir: Path, expert_dirs: dict[str
         "routing_shares": {d: s.tolist() for d, s in shares.items()},
         "experts": [e["domain"] for e in meta["experts"]], "top_k": mcfg.top_k, "routing": mcfg.routing,
     }
+
+
+def hf_release_logprobs(merged_dir: Path):
+    """Log-probs of `flexmoe export-hf merged_dir` loaded by transformers; None without transformers
+    or when the merge has no Hugging Face release (e.g. routing=anchor_doc)."""
+    import tempfile
+
+    from flexmoe.convert.hf_export import export_hf
+    from flexmoe.io.model_dir import CheckpointError
+
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            release = export_hf(merged_dir, Path(tmp) / "hf", verify=False)
+        except CheckpointError:
+            return None
+        model = AutoModelForCausalLM.from_pretrained(release, trust_remote_code=True).eval()
+    return lambda tokens: torch.log_softmax(model(tokens, use_cache=False).logits.float(), dim=-1)
 
 
 def check_claims(ppl: dict[str, dict[str, float]], domains: list[str]) -> list[tuple[str, bool]]:
@@ -139,7 +163,8 @@ def write_report(out: Path, results: dict[str, Any], domains: list[str]) -> None
               "expert); `merged` all experts; `merged-without/<d>` the merged model with d opted out at inference; "
               "`soup` the experts' FFNs averaged into one dense model; `btm-ensemble` the owners' models' output "
               "distributions averaged; `merged[routing=...]` the same merged weights under another routing policy "
-              "(see `model.routing`).", "", "## Claims checked on these numbers", ""]
+              "(see `model.routing`); `merged[hf-release]` the `flexmoe export-hf` release of `merged` run by "
+              "transformers.", "", "## Claims checked on these numbers", ""]
     lines += [f"- [{'x' if ok else ' '}] {c}" for c, ok in claims]
     lines += ["", f"## Routing quality of `merged` (routing={results.get('routing', 'topk')})", ""]
     lines += [f"- [{'x' if ok else ' '}] {c}" for c, ok in results["routing_quality_claims"].items()]

@@ -12,6 +12,12 @@ parameter names match (they do: parallel/ never renames). The data-loader positi
 rank-independent while batch_size x data-parallel size stays the same. A DeepSpeed engine writes
 its own format into a `deepspeed/` sub-directory instead, resumable by DeepSpeed at the same
 world size.
+
+Frozen tensors (requires_grad False: the anchor expert, and everything shared under expert_anchor)
+are not written: a run rebuilds them from `init_from` (or the seed) before it resumes, and
+`trainer_state.json` records where they came from (`frozen_from`: init_from's file sha256s), which
+the resuming run must match. `keep_frozen=True` writes them too; a checkpoint holding them loads
+the same way (they are simply not read).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 MARKER, STATE = "COMPLETE", "trainer_state.json"
 DEEPSPEED_TAG = "deepspeed"
@@ -41,9 +47,10 @@ def _barrier() -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state: dict[str, Any],
-                    keep_last: int = 2, engine=None) -> Path:
+                    keep_last: int = 2, engine=None, keep_frozen: bool = False) -> Path:
     """Write `root/step-N` atomically (a collective: every rank calls it). `engine`: a DeepSpeed
-    engine, which then saves model and optimizer in its own format."""
+    engine, which then saves model and optimizer in its own format. Frozen tensors are left out
+    unless `keep_frozen`."""
     root = Path(root)
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     if _rank() == 0:
@@ -54,6 +61,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state
         engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state={}, save_latest=False)
     else:
         msd, osd = get_state_dict(model, optimizer)
+        if not keep_frozen:
+            msd = _trainable_only(model, msd)
         dcp.save({"model": msd, "optim": osd, "rng": torch.get_rng_state()}, checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
@@ -75,12 +84,24 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / MARKER).is_file())
 
 
-def load_checkpoint(path: str | Path, model, optimizer, engine=None) -> dict[str, Any]:
-    """Restore model, optimizer and RNG in place (a collective); returns the trainer state (step,
-    loader, ...). `engine`: a DeepSpeed engine, for checkpoints it wrote."""
+def _trainable_only(model, msd: dict[str, Any]) -> dict[str, Any]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in msd.items() if k in names}
+
+
+def load_checkpoint(path: str | Path, model, optimizer, engine=None, frozen_from: Any = None) -> dict[str, Any]:
+    """Restore the trainable tensors, optimizer and RNG in place (a collective); returns the trainer
+    state (step, loader, ...). The frozen tensors are the model's own, rebuilt from `frozen_from`
+    (init_from's file sha256s, or the seed), which must be what the checkpoint's run started from.
+    `engine`: a DeepSpeed engine, for checkpoints it wrote."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise ValueError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
+    state = json.loads((path / STATE).read_text())
+    was = state.get("frozen_from")
+    if frozen_from is not None and was is not None and was != json.loads(json.dumps(frozen_from, default=str)):
+        raise ValueError(f"{path}: was trained from {was}, this run starts from {frozen_from}; its frozen tensors "
+                         "would differ: resume with the same init_from (and trainer.seed), or start a new out_dir")
     is_ds = (path / DEEPSPEED_TAG).is_dir()
     if is_ds != (engine is not None):
         raise ValueError(f"{path}: written by {'DeepSpeed' if is_ds else 'the fsdp engine (DCP)'}; resume with "
@@ -88,10 +109,11 @@ def load_checkpoint(path: str | Path, model, optimizer, engine=None) -> dict[str
     if engine is not None:
         engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
-        return json.loads((path / STATE).read_text())
+        return state
     msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd, "rng": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    torch.set_rng_state(state["rng"])
-    return json.loads((path / STATE).read_text())
+    loaded = {"model": _trainable_only(model, msd), "optim": osd, "rng": torch.get_rng_state()}
+    dcp.load(loaded, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                   options=StateDictOptions(strict=False))
+    torch.set_rng_state(loaded["rng"])
+    return state

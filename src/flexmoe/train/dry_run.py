@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from flexmoe.config.model import ModelConfig
-from flexmoe.io.model_dir import WEIGHTS
-from flexmoe.io.stream import read_header
+from flexmoe.io.errors import CheckpointError
+from flexmoe.io.shards import read_weights
 from flexmoe.model import Transformer
 from flexmoe.model.flops import flops_per_token, param_counts
 from flexmoe.train.freeze import PLANS, apply_freeze_plan
@@ -25,12 +25,13 @@ def frozen_dtype_of(cfg: Any) -> tuple[str, str]:
     """(dtype frozen tensors are stored in, where that came from): the init_from file's header,
     else `trainer.dtype` (what the published checkpoints a bf16 recipe branches from hold)."""
     if cfg.init_from:
-        weights = Path(cfg.init_from) / WEIGHTS
-        if weights.is_file():
-            tensors, _ = read_header(weights)
-            if tensors:
-                first = tensors[sorted(tensors)[0]].dtype
-                return ("bf16" if first == torch.bfloat16 else "fp32"), str(weights)
+        try:  # one model.safetensors or shards with an index
+            tensors = read_weights(Path(cfg.init_from))
+        except CheckpointError:
+            tensors = {}
+        if tensors:
+            first = tensors[sorted(tensors)[0]]
+            return ("bf16" if first.dtype == torch.bfloat16 else "fp32"), str(first.path)
     dtype = cfg.trainer.dtype if cfg.trainer.dtype in ("fp32", "bf16") else "fp32"
     return dtype, "trainer.dtype (no init_from weights to read)"
 

@@ -72,6 +72,14 @@ def _mask_rows(p: torch.Tensor, n: int) -> None:
     setattr(p, ROW_MASK, n)
 
 
+def restore_row_masks(model: nn.Module, masks: dict[str, int]) -> None:
+    """Re-install row masks (by parameter name, from parallel.grad.row_masks) on parameters that a
+    conversion such as `to_empty` replaced; parameters that kept theirs are left alone."""
+    for name, p in model.named_parameters():
+        if name in masks and getattr(p, ROW_MASK, 0) != masks[name]:
+            _mask_rows(p, masks[name])
+
+
 def trainable_summary(model: nn.Module) -> dict[str, int]:
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():

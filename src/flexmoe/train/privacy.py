@@ -12,9 +12,9 @@ Why per-sample gradients are computed one window at a time, not with opacus' hoo
 data-dependent counts (`counts.tolist()`), so neither a per-layer hook (the batch dimension is
 gone inside the experts) nor vmap (no data-dependent sizes) sees per-sample tensors. One
 backward per window is exact for every routing policy, costs B small backward passes instead of
-one batched one, and keeps memory at one gradient copy. opacus supplies the optional PRV
-accountant (`privacy.accountant=prv`, extra `dp`); the default RDP accountant is built in and
-checked against opacus' in tests/privacy.
+one batched one, and keeps memory at one gradient copy. The accounting is opacus' (extra `dp`):
+its RDP accountant by default, its PRV accountant with `privacy.accountant=prv`
+(train/dp_accounting.py); without opacus, `privacy.enabled=true` is refused in one line.
 
 The privacy unit is one training window (`data.seq_len + 1` tokens): a document spanning k
 windows is protected with group privacy (roughly k times epsilon), not epsilon.
@@ -37,7 +37,7 @@ from flexmoe.io.keys import router_weight_key
 from flexmoe.io.log import get_logger
 from flexmoe.train.dp_accounting import (  # noqa: F401  (re-exported)
     DEFAULT_ORDERS, OpacusAccountant, RDPAccountant, calibrate_noise, epsilon_after, epsilon_from_rdp, make_accountant,
-    max_steps_within, rdp_sampled_gaussian)
+    max_steps_within, rdp_sampled_gaussian, require_opacus)
 
 log = get_logger(__name__)
 
@@ -128,6 +128,8 @@ def privacy_config_of(cfg: Any, privacy: PrivacyConfig | None = None) -> Privacy
         raise ValueError("no privacy settings: pass PrivacyConfig(...) or set privacy.* in the run config")
     src = to_typed(PrivacyConfig, src, "privacy")
     src.validate()
+    if src.enabled:
+        require_opacus()
     return src
 
 
@@ -191,7 +193,8 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model, mcfg, base_meta = load_model(cfg.init_from)
     apply_freeze_plan(model, PLANS[cfg.stage.freeze])
-    owner_stats = nonprivate_owner_statistics(model, PLANS[cfg.stage.freeze].frozen_router_rows)
+    dp_profile = bool((base_meta.get("router_embedding") or {}).get("profile_dp"))  # router-embed --dp-epsilon
+    owner_stats = nonprivate_owner_statistics(model, PLANS[cfg.stage.freeze].frozen_router_rows, dp_profile)
     if owner_stats and not pc.allow_nonprivate_router_init:
         raise ValueError(f"{cfg.init_from}: {owner_stats[0]} holds statistics of the owner's data computed without "
                          "noise; branch without --router-embedding for a DP expert, or set "
@@ -252,9 +255,11 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
 
 
 @torch.no_grad()
-def nonprivate_owner_statistics(model, frozen_router_rows: int) -> list[str]:
+def nonprivate_owner_statistics(model, frozen_router_rows: int, private_profile: bool = False) -> list[str]:
     """Tensors of the starting model that the owner filled from its data outside DP-SGD: non-zero
-    trainable router rows (the router embedding), owner document centroids and n-gram profiles."""
+    trainable router rows (the router embedding), owner document centroids and n-gram profiles
+    (unless `private_profile`: made by `router-embed --dp-epsilon`, with a budget of its own that
+    the package adds to the training's)."""
     found = []
     if frozen_router_rows:
         for i, m in enumerate(model.moe_layers()):
@@ -264,7 +269,7 @@ def nonprivate_owner_statistics(model, frozen_router_rows: int) -> list[str]:
         if centroids is not None and bool(centroids[frozen_router_rows:].ne(0).any()):
             found.append("domain_centroids (document routing centroid)")
         profiles = getattr(model, "domain_ngrams", None)
-        if profiles is not None and bool(profiles[frozen_router_rows:].ne(0).any()):
+        if profiles is not None and not private_profile and bool(profiles[frozen_router_rows:].ne(0).any()):
             found.append("domain_ngrams (document routing n-gram profile)")
     return found
 

@@ -16,16 +16,14 @@ import torch.distributed as dist
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.config.train import RunConfig, as_run_config
-from flexmoe.train.load import load_model
-from flexmoe.io.model_dir import CONFIG, save_model_dir
-from flexmoe.io.fingerprint import fingerprint
-from flexmoe.train.freeze import PLANS, apply_freeze_plan, trainable_summary
+from flexmoe.io.model_dir import CONFIG
 from flexmoe.model import Transformer
-from flexmoe.model.moe import canonical_state_dict
+from flexmoe.train.build import build_for_training, build_model  # noqa: F401  (build_model re-exported)
+from flexmoe.train.final import write_final
 from flexmoe.parallel import deepspeed as ds
 from flexmoe.parallel.grad import clip_grad_norm_, mask_frozen_rows
 from flexmoe.parallel.mesh import build_mesh, init_distributed, local_device, resolve_dims, world
-from flexmoe.parallel.parallelize import fit_optimizer, parallelize
+from flexmoe.parallel.parallelize import fit_optimizer
 from flexmoe.train import checkpoint as ckpt
 from flexmoe.train.preempt import Preemption
 from flexmoe.train.provenance import write_run_info
@@ -37,21 +35,6 @@ from flexmoe.train.sources import build_train_source, data_format, open_windows 
 from flexmoe.io.log import get_logger
 
 log = get_logger(__name__)
-
-
-def build_model(cfg: RunConfig) -> tuple[Transformer, ModelConfig, dict[str, Any]]:
-    """Model from `init_from` (a native model dir) or fresh from `cfg.model`, with the stage's freeze plan."""
-    if cfg.init_from:
-        model, mcfg, meta = load_model(cfg.init_from)
-    else:
-        mcfg = cfg.model
-        torch.manual_seed(cfg.trainer.seed)
-        model, meta = Transformer(mcfg), {}
-        model.reset_parameters(seed=cfg.trainer.seed)
-    if cfg.stage.freeze not in PLANS:
-        raise ValueError(f"stage.freeze={cfg.stage.freeze!r} is not one of {sorted(PLANS)}")
-    apply_freeze_plan(model, PLANS[cfg.stage.freeze])
-    return model, mcfg, meta
 
 
 @torch.no_grad()
@@ -120,6 +103,30 @@ def describe(cfg: RunConfig, mcfg: ModelConfig, device: torch.device | None = No
     return info
 
 
+def check_run_inputs(cfg: RunConfig) -> None:
+    """What the config alone cannot tell: data.seq_len against an init_from model's max_seq_len, and
+    every data directory against the model (one tokenizer, every token id inside its vocabulary;
+    the data manifests are schema-checked on the way). Raises ValueError naming the setting."""
+    from flexmoe.config.train import check_seq_len
+    from flexmoe.data.fit import check_data_fits_model
+    from flexmoe.io.model_dir import read_model_meta
+
+    mcfg, tokenizer, model = cfg.model, cfg.tokenizer, "model"
+    if cfg.init_from:
+        if not Path(cfg.init_from).is_dir():
+            raise ValueError(f"init_from={cfg.init_from}: not a directory; give a flexmoe model directory")
+        mcfg = ModelConfig.load(Path(cfg.init_from) / CONFIG)
+        tokenizer = read_model_meta(cfg.init_from).get("tokenizer") or cfg.tokenizer
+        model = f"init_from={cfg.init_from}"
+        check_seq_len(cfg.data.seq_len, mcfg, "init_from's model")
+    for split, domains in (("train", cfg.data.train), ("val", cfg.data.val)):
+        for name, path in domains.items():
+            windows = open_windows(cfg, split, name, path)
+            check_data_fits_model(windows, mcfg.vocab_size, tokenizer, setting=f"data.{split}.{name}", model=model)
+            if tokenizer is None:  # one run, one tokenizer: the first directory's holds for the rest
+                tokenizer, model = windows.manifest["tokenizer"], f"{model} (with the tokenizer of data.{split}.{name})"
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run one training stage to `trainer.steps`, resuming from `out_dir` when it holds a checkpoint.
 
@@ -135,6 +142,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
         if cfg.dry_run:
             raise ValueError("privacy.enabled=true has no dry run; drop --dry-run")
+        check_run_inputs(cfg)  # before anything is written: a refused run leaves nothing behind
         return train_private(cfg)
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
@@ -153,7 +161,6 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     rank, world_size = world()
     sft = data_format(cfg) == "sft"  # before the model loads: a typo costs nothing
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = local_device()
     # Sizes and the memory check come from the config alone: an over-budget layout is refused
     # before anything is allocated.
@@ -161,13 +168,15 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
                     else cfg.model, device)
     if cfg.dry_run:
         return info
-    model, mcfg, base_meta = build_model(cfg)
-    trainable_groups = trainable_summary(model)  # before sharding: whole-parameter counts
-    dims = resolve_dims(cfg.parallel, world_size, mcfg)
-    model.to(device).train()
+    check_run_inputs(cfg)  # the data against the model, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    dims = resolve_dims(cfg.parallel, world_size, ModelConfig.load(Path(cfg.init_from) / CONFIG)
+                        if cfg.init_from else cfg.model)
     use_ds = cfg.parallel.engine == "deepspeed"
     meshes = None if use_ds else build_mesh(dims, device.type)
-    parallelize(model, cfg.parallel, meshes)
+    # meta-device build, layout, then each rank fills its own shards only (train/build.py)
+    built = build_for_training(cfg, meshes, device)
+    model, trainable_groups = built.model, built.trainable
     optimizer = build_optimizer(model, cfg.optim)
     fit_optimizer(optimizer)
     engine = None
@@ -190,7 +199,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     ckpt_root = out / "checkpoints"
     done = ckpt.complete_checkpoints(ckpt_root)
     if cfg.trainer.resume and done:
-        state = ckpt.load_checkpoint(done[-1], model, optimizer, engine=engine)
+        state = ckpt.load_checkpoint(done[-1], model, optimizer, engine=engine, frozen_from=built.source)
         loader.load_state_dict(state["loader"])
         start, tokens_seen = state["step"], state["tokens_seen"]
         if rank == 0:
@@ -273,8 +282,10 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         stopping = stopping or preempted
         if (cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < cfg.trainer.steps) or stopping:
             ckpt.save_checkpoint(ckpt_root, s, model, optimizer,
-                                 {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)},
-                                 keep_last=cfg.trainer.keep_last, engine=engine)
+                                 {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                                  "frozen_from": built.source},
+                                 keep_last=cfg.trainer.keep_last, engine=engine,
+                                 keep_frozen=cfg.trainer.checkpoint_frozen)
         if stopping:
             status = preemption.finish() if preempted else "stopped"
             logger.close()
@@ -282,14 +293,12 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     module = engine.module if engine is not None else model
     final_val = _validate(module, val, cfg, cfg.trainer.steps, logger) if val else {}
     ckpt.save_checkpoint(ckpt_root, cfg.trainer.steps, model, optimizer,
-                         {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)},
-                         keep_last=cfg.trainer.keep_last, engine=engine)
-    sd = _full_state_dict(model, engine, world_size)
-    result = _write_final(cfg, sd, mcfg, base_meta, tokens_seen, final_val) if rank == 0 else {}
-    if world_size > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)  # every rank returns what rank 0 wrote
-        result = box[0]
+                         {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                          "frozen_from": built.source},
+                         keep_last=cfg.trainer.keep_last, engine=engine,
+                         keep_frozen=cfg.trainer.checkpoint_frozen)
+    # one tensor at a time, never the whole model on one rank; every rank returns what rank 0 wrote
+    result = write_final(cfg, built, engine, tokens_seen, final_val)
     logger.close()
     return result
 
@@ -304,40 +313,8 @@ def _mean_over_ranks(value: float, world_size: int, device: torch.device) -> flo
     return float(t) / world_size
 
 
-def _full_state_dict(model, engine, world_size: int) -> dict[str, torch.Tensor]:
-    """Full (unsharded) tensors on rank 0, {} on other ranks; a collective when distributed."""
-    if engine is not None:
-        return ds.full_state_dict(engine)
-    if world_size == 1:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def _validate(model, val, cfg, step, logger) -> dict[str, float]:
     losses = {d: evaluate_loss(model, w, cfg.trainer.eval_batches, cfg.data.batch_size) for d, w in val.items()}
     logger.log({"step": step, "val_loss": losses},
                f"step {step:>6} val " + "  ".join(f"{d} {v:.4f}" for d, v in losses.items()))
     return losses
-
-
-def _write_final(cfg, full_sd, mcfg, base_meta, tokens_seen, val_loss) -> dict[str, Any]:
-    sd = canonical_state_dict(full_sd)
-    fp = fingerprint(sd)
-    base_fp = base_meta.get("base_fingerprint") or base_meta.get("fingerprint")
-    meta = {
-        "kind": "public" if not mcfg.is_moe else base_meta.get("kind", "moe"),
-        "stage": cfg.stage.name, "owner": cfg.meta.owner, "domain": cfg.meta.domain, "licence": cfg.meta.licence,
-        "tokens_seen": tokens_seen + int(base_meta.get("tokens_seen", 0)) if not mcfg.is_moe else tokens_seen,
-        "tokenizer": base_meta.get("tokenizer") or cfg.tokenizer, "val_loss": val_loss,
-        "experts": base_meta.get("experts"), "router_embedding": base_meta.get("router_embedding"),
-    }
-    if mcfg.is_moe and base_fp:
-        meta["base_fingerprint"] = base_fp
-        # The anchor recipe promises the shared tensors never moved: check, don't assume.
-        meta["shared_unchanged"] = fp == base_fp
-    else:
-        meta["fingerprint"] = fp
-    final = save_model_dir(Path(cfg.out_dir) / "final", mcfg, sd, meta, overwrite=True)
-    return {"final": str(final), "val_loss": val_loss, "tokens_seen": tokens_seen, **meta}

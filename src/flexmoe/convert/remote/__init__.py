@@ -1,0 +1,1 @@
+"""Modeling code copied into Hugging Face releases (never imported by flexmoe itself)."""
