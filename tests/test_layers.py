@@ -121,3 +121,25 @@ def test_parameter_names_only_in_the_key_schema():
             if _TEMPLATE.search(text):
                 found.append(f"{path.relative_to(ROOT)}:{line}: {text!r}")
     assert not found, "parameter-name templates outside flexmoe/io/keys.py:\n" + "\n".join(found)
+
+
+# Temp-file-then-rename is written once (io/files.py: temp beside the target, fsync, rename,
+# umask-honouring modes); DCP's checkpoint directory rename in train/checkpoint.py is the one other.
+_RENAME_OWNERS = {"io/files.py", "train/checkpoint.py"}
+
+
+def test_atomic_writes_only_through_io_files():
+    found = []
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in _RENAME_OWNERS:
+            continue
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("mkstemp", "mkdtemp") \
+                    or isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "replace" \
+                    and isinstance(n.func.value, ast.Name) and n.func.value.id == "os":
+                found.append(f"{rel}:{n.lineno}")
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "replace" \
+                    and len(n.args) == 1 and not n.keywords:  # Path.replace(target): a hand-made rename
+                found.append(f"{rel}:{n.lineno}")
+    assert not found, "temp-and-rename written by hand (use flexmoe.io.files):\n" + "\n".join(found)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
+
+from flexmoe.io.files import atomic_write_text
 
 
 def main(argv: list[str]) -> int:
@@ -76,8 +77,5 @@ def main(argv: list[str]) -> int:
     report = audit_models(models, documents_from_data(a.data), cfg)
     print(format_audit(report))
     if a.out:
-        out = Path(a.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(out)
+        atomic_write_text(a.out, json.dumps(report, indent=1) + "\n")
     return 0

@@ -8,6 +8,7 @@ import json
 import random
 import sysconfig
 from pathlib import Path
+from flexmoe.io.files import atomic_write_text
 
 
 def arithmetic_chats(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -62,8 +63,6 @@ def build_chat_corpora(out_dir: str | Path, *, n_math: int = 3000, n_code: int =
         for split, part in (("val", chats[:n_val]), ("train", chats[n_val:])):
             p = out / domain / f"{split}.jsonl"
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({"messages": c}) + "\n" for c in part))
-            tmp.replace(p)
+            atomic_write_text(p, "".join(json.dumps({"messages": c}) + "\n" for c in part))
             result.setdefault(domain, {})[split] = p
     return result

@@ -20,7 +20,7 @@ import torch
 
 from flexmoe.io.model_dir import CheckpointError, read_json, write_json
 from flexmoe.train.load import load_model
-from flexmoe.io.files import sha256_file
+from flexmoe.io.files import atomic_write_bytes, sha256_file
 from flexmoe.data.ngrams import DEFAULT_BUCKETS, ngram_profile
 
 
@@ -81,7 +81,7 @@ def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_fi
     `profile_dp`: keyword arguments of `private_ngram_profile` (epsilon, delta, mechanism, unit,
     window, cap_bucket, cap_total, noise_seed): the profile is DP, its budget record goes into the
     file's metadata (`profile_dp`, JSON), and the rows are zero (not computed from the data)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from flexmoe.data import TokenWindows
 
@@ -102,7 +102,6 @@ def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_fi
         rows = hidden_state_embedding(model, windows, num_windows)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
     tensors = {"router_embedding": rows.contiguous()}
     if embedder:
         tensors["domain_embedding"] = domain_emb.contiguous()
@@ -111,8 +110,7 @@ def compute_router_embedding(model_dir: str | Path, data_dir: str | Path, out_fi
     metadata = {"method": "embedder" if embedder else "zero" if record else "hidden_state", "data": str(data_dir)}
     if record:
         metadata["profile_dp"] = json.dumps(record, sort_keys=True)
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(out_file)
+    atomic_write_bytes(out_file, save(tensors, metadata=metadata))
     return rows
 
 
@@ -136,15 +134,12 @@ def read_profile_dp(rows_file: str | Path) -> dict[str, Any] | None:
 
 def attach_public_embedding(public_dir: str | Path, rows_file: str | Path) -> None:
     """Ship the public router row with the public model (copied in, listed in flexmoe.json)."""
-    import shutil
-
     public_dir = Path(public_dir)
     meta = read_json(public_dir / "flexmoe.json")
     if meta.get("kind") != "public":
         raise CheckpointError(f"{public_dir}: not a public (dense) model directory")
     name = "router_public.safetensors"
-    shutil.copy2(rows_file, public_dir / (name + ".tmp"))
-    (public_dir / (name + ".tmp")).replace(public_dir / name)
+    atomic_write_bytes(public_dir / name, Path(rows_file).read_bytes())  # a few KB: one row per layer
     meta["router_embedding"] = {"router_public": name}
     meta.setdefault("files", {})[name] = sha256_file(public_dir / name)
     write_json(public_dir / "flexmoe.json", meta)

@@ -11,7 +11,6 @@ directory already, every listed file's sha256 and every expert slot's tensor_sha
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from flexmoe.io.errors import CheckpointError  # defined there so io/schema and io/fingerprint can raise it
-from flexmoe.io.files import atomic_output_dir, is_temp_dir, sha256_file  # noqa: F401  (re-exported)
+from flexmoe.io.files import atomic_output_dir, atomic_write_text, is_temp_dir, sha256_file  # noqa: F401  (re-exported)
 from flexmoe.io.fingerprint import verify_expert_hashes
 from flexmoe.io.schema import MODEL_META, RESERVED_NAMES, check
 from flexmoe.io.shards import INDEX, is_weight_file, read_weights, weight_layout
@@ -38,10 +37,8 @@ def atomic_dir(dst: str | Path, overwrite: bool = False, flag: str | None = None
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write `obj` as sorted, indented JSON via a temp file, fsync and rename (readers never see half)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

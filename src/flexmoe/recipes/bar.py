@@ -28,6 +28,7 @@ from typing import Any
 
 from flexmoe.io.keys import is_router_key
 from flexmoe.recipes.common import parse_overrides, run_step, say, train_public_model
+from flexmoe.io.files import atomic_write_text
 
 DOMAINS = ("math", "code")
 # variant -> (stage config, freeze plan); the frozen variant's public_mix is zeroed below so both
@@ -83,9 +84,7 @@ def render_text(jsonl: Path, out: Path) -> Path:
     for line in jsonl.read_text(encoding="utf-8").splitlines():
         if line.strip():
             lines.append("".join(text for text, _ in render_simple(json.loads(line)["messages"])))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(lines))
     return out
 
 
@@ -94,9 +93,7 @@ def sample_chats(jsonl: Path, out: Path, fraction: float, seed: int) -> Path:
     lines = [l for l in jsonl.read_text(encoding="utf-8").splitlines() if l.strip()]
     n = max(1, round(len(lines) * fraction))
     keep = sorted(random.Random(seed).sample(range(len(lines)), n))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "".join(lines[i] + "\n" for i in keep))
     return out
 
 

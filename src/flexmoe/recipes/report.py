@@ -17,6 +17,7 @@ from flexmoe.train.perplexity import model_logprobs, perplexity
 from flexmoe.eval.routing import plot_heatmap, routing_shares
 from flexmoe.flex.attribution import attribution_windows
 from flexmoe.flex.optout import expert_mask
+from flexmoe.io.files import atomic_write_text
 
 
 def evaluate_lifecycle(public_dir: Path, merged_dir: Path, expert_dirs: dict[str, Path],
@@ -148,9 +149,7 @@ def write_report(out: Path, results: dict[str, Any], domains: list[str]) -> None
     quality = routing_quality(ppl, domains)
     results["routing_quality"] = quality
     results["routing_quality_claims"] = {c: ok for c, ok in quality_claims(quality)}
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(results, indent=1) + "\n")
     lines = ["# flexmoe quickstart report", "",
              f"Perplexity per eval domain (lower is better); {results['seconds']:.0f} s on "
              f"{torch.get_num_threads()} thread(s).", "",

@@ -13,6 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from flexmoe.io.files import atomic_write_text
 
 PACKAGES = ("flexmoe", "torch", "numpy", "safetensors", "tokenizers", "hydra-core", "omegaconf",
             "transformers", "deepspeed", "opacus", "flash-attn", "wandb")
@@ -66,7 +67,5 @@ def write_run_info(out_dir: str | Path, cfg: Any) -> Path:
             info["history"] = prev.get("history", []) + [{k: prev.get(k) for k in ("command", "git_revision")}]
         except json.JSONDecodeError:
             pass
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(info, indent=1) + "\n")
     return out
