@@ -59,6 +59,8 @@ def test_readme_lifecycle_block_runs_as_written(tmp_path):
     release = json.loads((tmp_path / "release" / "flexmoe.json").read_text())
     assert len(merged["experts"]) == 3 and len(release["experts"]) == 2
     assert json.loads((tmp_path / "release-hf" / "config.json").read_text())["num_experts"] == 2
+    card = (tmp_path / "release-hf" / "README.md").read_text()
+    assert card.startswith("---\n") and "owner-code" in card and "owner-math" in card  # math: listed as removed
     # eval printed JSON with the model and soup rows for both domains
     ev = json.loads(r.stdout[r.stdout.index('{\n "perplexity"'):].split("\n}\n")[0] + "\n}")
     assert set(ev["perplexity"]["model"]) == {"math", "code"}

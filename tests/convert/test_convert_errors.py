@@ -110,7 +110,7 @@ def test_export_refuses_router_bias(tmp_path, capsys):
         sd[f"layers.{i}.ffn.router.bias"].zero_()
     sd["layers.0.ffn.router.bias"][1] = -0.5  # pushes expert 1 down: HF cannot route like that
     bad = save_model_dir(tmp_path / "biased", cfg, sd, meta)
-    err = refuse(capsys, ["export-hf", str(bad), str(tmp_path / "out")], tmp_path / "out")
+    err = refuse(capsys, ["export-hf", str(bad), str(tmp_path / "out"), "--allow-unrecorded-consent"], tmp_path / "out")
     assert f"{bad / 'model.safetensors'}: layers.0.ffn.router.bias is non-zero" in err
     # a bias that routes nothing differently (anchor slot, or positive and so clamped away) exports
     sd["layers.0.ffn.router.bias"][:] = torch.tensor([-3.0] + [0.25] * (cfg.num_experts - 1))

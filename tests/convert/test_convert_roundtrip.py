@@ -27,7 +27,8 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, case):
     cfg = random_config(*CASES[case])
     assert cfg.is_moe == CASES[case][1] and (cfg.kv_heads < cfg.num_heads) == CASES[case][2]
     native = make_native(tmp_path, cfg, seed=7)
-    rc = cli_main(["export-hf", str(native), str(tmp_path / "hf"), "--max-shard-size", "8KB"])
+    rc = cli_main(["export-hf", str(native), str(tmp_path / "hf"), "--max-shard-size", "8KB",
+                  "--allow-unrecorded-consent"])  # the test experts carry no consent record
     assert rc == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == ("FlexOlmoForCausalLM" if cfg.is_moe else "Olmo2ForCausalLM")

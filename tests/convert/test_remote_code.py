@@ -207,5 +207,5 @@ def test_bfloat16_export_keeps_profiles_fp32(built, tmp_path):
 def test_anchor_doc_merge_refused(tmp_path, capsys):
     public = make_public(tmp_path, CFG)
     merged = merge(public, make_packages(tmp_path, public, ["code"]), tmp_path / "m", routing="anchor_doc")
-    err = refuse(capsys, ["export-hf", str(merged), str(tmp_path / "hf")], tmp_path / "hf")
+    err = refuse(capsys, ["export-hf", str(merged), str(tmp_path / "hf"), "--allow-unrecorded-consent"], tmp_path / "hf")
     assert "model.routing='anchor_doc' has no Hugging Face release" in err

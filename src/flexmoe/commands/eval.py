@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from flexmoe.commands.common import add_verify_argument, name_eq_value, verify_inputs
+from flexmoe.commands.common import add_selection_arguments, add_verify_argument, name_eq_value, verify_inputs
 from flexmoe.commands.inputs import check_data_for_model, finite_or_none, require_positive
 
 
@@ -16,12 +16,11 @@ def main(argv: list[str]) -> int:
     from flexmoe.data import TokenWindows
     from flexmoe.eval.baselines import soup_model
     from flexmoe.train.perplexity import model_logprobs, perplexity
-    from flexmoe.flex.optout import expert_mask
+    from flexmoe.flex.consent import active_mask
 
     p = argparse.ArgumentParser(prog="flexmoe eval", description=main.__doc__)
     p.add_argument("model")
     p.add_argument("--data", action="append", required=True, metavar="DOMAIN=DIR")
-    p.add_argument("--opt-out", default="", help="comma-separated owners or domains to switch off")
     p.add_argument("--soup", action="store_true", help="also evaluate the model soup of the experts")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--num-windows", type=int, default=64)
@@ -31,6 +30,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--domain-embedding", action="append", default=[], metavar="NAME=FILE",
                    help="an expert's (or public's) router-embed --embedder output, for --route-embedder")
     p.add_argument("--route-chunk", type=int, default=32, help="tokens per routing decision of --route-embedder")
+    add_selection_arguments(p)
     add_verify_argument(p)
     a = p.parse_args(argv)
     require_positive(p, a, "--seq-len", "--num-windows", "--route-chunk")
@@ -56,10 +56,15 @@ def main(argv: list[str]) -> int:
         # the embedder reads text: decode with the tokenizer that made the eval data
         tok = load_tokenizer(next(iter(data.values())).manifest["tokenizer"])
         router = EmbedderRouter(load_embedder(a.route_embedder), embs, tok.decode, chunk=a.route_chunk)
-    mask = expert_mask(meta.get("experts") or [], a.opt_out.split(",")) if cfg.is_moe else None
+    opt_out = [o for o in a.opt_out.split(",") if o]
+    if not cfg.is_moe and (opt_out or a.use):
+        p.error(f"{a.model} is a dense model: it has no experts for --opt-out or --use to select")
+    # opted-out experts and, with --use, experts whose consent does not cover it are off, in the
+    # model and in the soup alike
+    mask = active_mask(meta.get("experts") or [], use=a.use, opt_out=opt_out, today=a.date) if cfg.is_moe else None
     rows = {"model": {d: perplexity(model_logprobs(model, mask, router), w, a.num_windows) for d, w in data.items()}}
     if a.soup and cfg.is_moe:
-        s = soup_model(model)
+        s = soup_model(model, mask)
         rows["soup"] = {d: perplexity(model_logprobs(s), w, a.num_windows) for d, w in data.items()}
     # nan/inf (a model whose outputs overflow) is not JSON: reported as null, and said on stderr
     bad = [f"{row}/{d}={v}" for row, r in rows.items() for d, v in r.items() if finite_or_none(v) is None]

@@ -16,6 +16,7 @@ import torch
 from flexmoe.io.extras import write_extras
 from flexmoe.convert.hf import hf_config
 from flexmoe.convert.hf_doc import doc_release
+from flexmoe.convert.model_card import model_card
 from flexmoe.io.keys import key_pairs
 from flexmoe.io.hf_dir import HF_CONFIG, INDEX, SINGLE, copy_tokenizer
 from flexmoe.io.native import open_native, parse_size
@@ -29,12 +30,13 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "5GB", dtype: str | None = None,
-              overwrite: bool = False, verify: bool = True) -> Path:
+              overwrite: bool = False, verify: bool = True, use: str | None = None) -> Path:
     """Write the HF directory for the native model at `src` into `dst`.
 
     `dtype` (float32|bfloat16|float16) casts floating tensors; default keeps them as stored.
     Refuses router biases that change routing: FlexOlmo in transformers has no router bias.
     `verify` False skips the sha256 and tensor_sha256 checks of `src` (the caller ran them).
+    `use`: the use the release was made for, stated in its model card (README.md).
     """
     src, limit = Path(src), parse_size(max_shard_size)
     if dtype is not None and dtype not in EXPORT_DTYPES:
@@ -82,6 +84,7 @@ def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "
             if tok is not None:
                 copy_tokenizer(tok, tmp)
             carried = write_extras(src, tmp, native, meta, pool)
+            (tmp / "README.md").write_text(model_card(cfg, meta, use=use, remote_code=doc is not None))
             write_json(tmp / META, {**{k: v for k, v in meta.items() if k not in ("files", "tokenizer", "router_embedding")},
                                     **carried})
             progress.finish(f"{len(hf)} tensors in {len(shards)} shard(s) -> {dst}")

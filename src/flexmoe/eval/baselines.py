@@ -13,8 +13,11 @@ from flexmoe.model import Transformer
 from flexmoe.io.keys import dense_ffn_key, is_router_key, parse_experts_key
 
 
-def soup_model(merged: Transformer) -> Transformer:
-    """Dense model whose FFN is the mean of all expert FFNs of `merged` (shared tensors kept)."""
+def soup_model(merged: Transformer, mask: torch.Tensor | None = None) -> Transformer:
+    """Dense model whose FFN is the mean of the expert FFNs of `merged` (shared tensors kept).
+
+    `mask` (bool `[E]`, as opt-out and consent give it): only the experts it keeps are averaged, so
+    the soup baseline of a request never contains an expert the request switched off."""
     cfg = merged.cfg.replace(num_experts=0, router_bias=False)
     sd = {}
     for k, v in merged.state_dict().items():
@@ -22,7 +25,7 @@ def soup_model(merged: Transformer) -> Transformer:
             continue
         parsed = parse_experts_key(k)
         if parsed:
-            sd[dense_ffn_key(*parsed)] = v.float().mean(0)
+            sd[dense_ffn_key(*parsed)] = (v if mask is None else v[mask]).float().mean(0)
         else:
             sd[k] = v
     model = Transformer(cfg)

@@ -178,3 +178,42 @@ def _find_slot(src: Path, experts: list[dict[str, Any]], name: str) -> int:
     if len(hits) > 1:
         raise CheckpointError(f"{src / 'flexmoe.json'}: {name!r} names experts {hits}; give a domain that names one")
     return hits[0]
+
+
+def release_for_use(src: str | Path, scratch: Path, *, use: str | None, allow_unrecorded: bool = False,
+                    today: str | None = None, verify: bool = True) -> tuple[Path, list[str]]:
+    """The model a release for `use` may carry: `src` itself, or `src` with every owner expert whose
+    consent does not cover `use` removed (one `remove_expert` pass each, into `scratch`).
+
+    Without `use`, every expert must carry a consent record (the release's card then states what
+    each may be used for) unless `allow_unrecorded`. Returns (the directory to export, the removed
+    experts as owner/domain)."""
+    from flexmoe.flex.consent import consent_mask
+    from flexmoe.io.model_dir import read_model_meta
+
+    src = Path(src)
+    experts = read_model_meta(src).get("experts") or []
+    owners = list(enumerate(experts))[1:]  # slot 0 is the public model's FFN: always shipped
+    if not owners:
+        return src, []
+    if use is None:
+        unrecorded = [f"{e.get('owner')}/{e.get('domain')}" for _, e in owners if not e.get("consent")]
+        if unrecorded and not allow_unrecorded:
+            raise CheckpointError(
+                f"{src / META}: expert(s) {', '.join(unrecorded)} carry no consent record, so a release cannot say "
+                "what they may be used for; export with --use USE (drops experts not consenting to it), re-package "
+                "them with --allowed-uses, or pass --allow-unrecorded-consent")
+        return src, []
+    covered = consent_mask(experts, use, today)
+    drop = [e for j, e in owners if not bool(covered[j]) and not (allow_unrecorded and not e.get("consent"))]
+    if len(drop) == len(owners):
+        raise CheckpointError(f"{src / META}: no owner's expert consents to use={use} "
+                              f"({', '.join(str(e.get('owner')) for _, e in owners)}); nothing to release but the "
+                              "public model, which is its own export")
+    current = src
+    for n, e in enumerate(drop):
+        nxt = scratch / f"step-{n}"
+        # Domains are unique in a merge (merge refuses duplicates): the name that cannot be ambiguous.
+        remove_expert(current, nxt, e["domain"], verify=verify if n == 0 else False)
+        current = nxt
+    return current, [f"{e.get('owner')}/{e.get('domain')}" for e in drop]

@@ -133,7 +133,7 @@ def temp_prefix(out: Path, kind: str) -> str:
     return f".{out.name}.{kind}-{os.getpid()}@{_host()}@"
 
 
-_TEMP_DIR = re.compile(r"^\..+\.(tmp|old)-\d+@[^@]*@")
+_TEMP_DIR = re.compile(r"^\..+\.(tmp|old|scratch)-\d+@[^@]*@")
 
 
 def is_temp_dir(path: str | Path) -> bool:
@@ -161,13 +161,15 @@ def clean_stale_temps(out: str | Path) -> list[Path]:
     if not out.parent.is_dir():
         return []
     host = _host()
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(?:(\d+)@([^@]*)@)?")
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old|scratch)-(?:(\d+)@([^@]*)@)?")
     removed, kept = [], []
     for p in out.parent.iterdir():
         m = pattern.match(p.name)
         if not m or not p.is_dir() or p.is_symlink():
             continue
         pid, its_host = m.group(2), m.group(3)
+        if pid is not None and its_host == host and int(pid) == os.getpid():
+            continue  # this process's own scratch (e.g. export-hf --use's intermediate release)
         if pid is not None and its_host == host and not _alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
@@ -194,6 +196,19 @@ def replace_dir(tmp: str | Path, out_dir: str | Path) -> None:
     os.replace(out_dir, trash / "old")
     os.replace(tmp, out_dir)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(beside: str | Path) -> Iterator[Path]:
+    """A temp folder beside `beside` for intermediate outputs, removed when the block ends (and by
+    `clean_stale_temps` if this process is killed)."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(beside, "scratch")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -114,7 +114,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                         f"optim.warmup_steps={max(cfg.expert_steps // 20, 1)}", f"trainer.threads={threads_each}",
                         f"meta.owner=owner-{domain}", f"meta.domain={domain}", *common], log, threads_each)
         run_step(flexmoe + ["package", str(d / "train" / "final"), str(pkg), "--owner", f"owner-{domain}",
-                        "--domain", domain, "--licence", "research"], log, threads_each)
+                        "--domain", domain, "--licence", "research", "--allowed-uses", "research"], log, threads_each)
         return pkg
 
     say(f"training {len(cfg.domains)} experts, {jobs} owner process(es) at a time, each on its own data", t0)
