@@ -32,7 +32,10 @@ def _override(overrides: list[str], key: str) -> str | None:
 
 
 def build_command(a: argparse.Namespace, overrides: list[str]) -> tuple[list[str], dict[str, str], Path]:
-    out_dir = Path(_override(overrides, "out_dir") or "runs/default")
+    if _override(overrides, "out_dir") is None:
+        # one run directory for every rank, named once here (each rank naming its own would split the run)
+        overrides = overrides + [f"out_dir={time.strftime('runs/%Y-%m-%d/%H-%M-%S')}"]
+    out_dir = Path(_override(overrides, "out_dir"))
     log_dir = out_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.nproc)
     if _override(overrides, "trainer.threads") is None:

@@ -73,4 +73,6 @@ def test_deepspeed_checkpoint_resumes_bit_identically(pdata, tmp_path):
     _, b, _ = load_model_dir(tmp_path / "part" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="resume with parallel.engine=deepspeed"):
-        train_on_rank(0, 1, [run_cfg(pdata, tmp_path / "part", freeze="expert_anchor", steps=6)])
+        again = run_cfg(pdata, tmp_path / "part", freeze="expert_anchor", steps=6)
+        again["trainer"]["overwrite_final"] = True  # the run finished: going on past it is asked for explicitly
+        train_on_rank(0, 1, [again])

@@ -20,6 +20,24 @@ def main(argv: list[str]) -> int:
     register()
     if "--dry-run" in argv:
         argv = [a for a in argv if a != "--dry-run"] + ["dry_run=true"]
+    scratch = None
+    if _override(argv, "out_dir") is None:
+        if _override(argv, "dry_run") == "true":  # a dry run writes nothing worth keeping
+            import tempfile
+
+            scratch = tempfile.TemporaryDirectory(prefix="flexmoe-dry-run-")
+            argv = argv + [f"out_dir={scratch.name}"]
+        else:
+            try:
+                argv = argv + [f"out_dir={default_run_dir()}"]
+            except ValueError as e:
+                print(f"flexmoe train: error: {e}", file=sys.stderr)
+                return 2
+    finished = _finished_run(argv)
+    if finished:
+        print(f"flexmoe train: error: {finished}", file=sys.stderr)
+        return 2
+    kept_row = _public_row_of(_override(argv, "out_dir"))
     result: dict = {}
     existed = _outputs_existing_before(argv)
     held = _HeldStderr(sys.stderr)
@@ -79,6 +97,10 @@ def main(argv: list[str]) -> int:
     finally:
         sys.stderr = held.real
         held.release()
+        if scratch is not None:
+            scratch.cleanup()
+    if kept_row is not None and result.get("final") and int(os.environ.get("RANK", "0")) == 0:
+        _reattach_public_row(Path(result["final"]), kept_row)
     return 0
 
 
@@ -167,6 +189,77 @@ def _report_hydra_error(text: str, argv: list[str]) -> int:
     print(f"flexmoe train: error: {summary}; fix or drop that override (`flexmoe train --help` lists the settings)",
           file=sys.stderr)
     return EXIT_USER_ERROR
+
+
+def _override(argv: list[str], key: str) -> str | None:
+    """The value of `key=...` (or `+key=...`) on the command line, the last one winning."""
+    found = None
+    for a in argv:
+        if a.lstrip("+").startswith(key + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def default_run_dir() -> str:
+    """A fresh run directory for a run that names none: `$FLEXMOE_RUN_DIR`, `runs/slurm-<job id>`
+    inside SLURM (a requeued job resumes there), `runs/torchrun-<run id>` under torchrun (every rank
+    must agree, and torchrun gives them one id), else `runs/<date>/<time>` (Hydra's style)."""
+    import time
+
+    env = os.environ
+    if env.get("FLEXMOE_RUN_DIR"):
+        return env["FLEXMOE_RUN_DIR"]
+    if env.get("SLURM_JOB_ID"):
+        task = env.get("SLURM_ARRAY_TASK_ID")
+        return f"runs/slurm-{env['SLURM_JOB_ID']}" + (f"_{task}" if task else "")
+    if int(env.get("WORLD_SIZE", "1")) > 1:
+        rid = env.get("TORCHELASTIC_RUN_ID")
+        if rid and rid != "none":
+            return f"runs/torchrun-{rid}"
+        raise ValueError(f"WORLD_SIZE={env['WORLD_SIZE']}: the ranks need one shared run directory and have no "
+                         "common run id; pass out_dir=DIR (launch/run.py and slurm/*.sbatch do)")
+    base = Path("runs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+    path, n = base, 1
+    while path.exists():  # two runs started in the same second
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return str(path)
+
+
+def _finished_run(argv: list[str]) -> str | None:
+    """The refusal for training into a finished run's directory, checked before Hydra writes its
+    record of this run into it; None when the run may go on."""
+    out = _override(argv, "out_dir")
+    if not out or "${" in out or (_override(argv, "trainer.overwrite_final") or "").lower() == "true":
+        return None
+    final = Path(out) / "final"
+    if (final / "flexmoe.json").is_file():
+        return (f"out_dir={out}: holds a finished run ({final}); choose a new out_dir, or "
+                "trainer.overwrite_final=true to train it again and replace final/")
+    return None
+
+
+def _public_row_of(out_dir: str | None) -> bytes | None:
+    """The public router row `router-embed --public` attached to `out_dir/final`, if any (kept so
+    that trainer.overwrite_final=true does not drop it)."""
+    if not out_dir:
+        return None
+    final = Path(out_dir) / "final"
+    try:
+        meta = json.loads((final / "flexmoe.json").read_text())
+        name = (meta.get("router_embedding") or {}).get("router_public")
+        return (final / name).read_bytes() if name else None
+    except (OSError, ValueError):
+        return None
+
+
+def _reattach_public_row(final: Path, row: bytes) -> None:
+    from flexmoe.flex.router_init import attach_public_embedding
+    from flexmoe.io.files import atomic_write_bytes, scratch_dir
+
+    with scratch_dir(final) as tmp:
+        atomic_write_bytes(tmp / "router_public.safetensors", row)
+        attach_public_embedding(final, tmp / "router_public.safetensors")
 
 
 def _outputs_existing_before(argv: list[str]) -> dict[str, bool]:

@@ -67,6 +67,9 @@ class TrainerConfig:
     # resume). True writes them too (a checkpoint that stands without init_from).
     checkpoint_frozen: bool = False
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
+    # A finished run (out_dir/final/ written) is never trained again silently: true replaces final/
+    # (a public router row `router-embed --public` attached to it is carried over).
+    overwrite_final: bool = False
     stop_after: int = 0  # >0: checkpoint and stop after this many steps of this run (time-sliced jobs)
     preempt_signal: str = "SIGUSR1"  # finish the step, checkpoint, requeue (SLURM --signal); "" disables
     requeue: bool = True  # on preemption, `scontrol requeue $SLURM_JOB_ID` (when inside SLURM)

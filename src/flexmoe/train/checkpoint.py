@@ -89,15 +89,50 @@ def _trainable_only(model, msd: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in msd.items() if k in names}
 
 
-def load_checkpoint(path: str | Path, model, optimizer, engine=None, frozen_from: Any = None) -> dict[str, Any]:
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint's tensors depend on: the model (when not taken from init_from,
+    whose files `frozen_from` pins), whether there is an init_from, the freeze plan and the data format."""
+    # init_from by presence only: its content is pinned by `frozen_from` (file sha256s), and a
+    # moved copy of the same model resumes
+    ident = {"init_from": bool(config.get("init_from")), "stage.freeze": (config.get("stage") or {}).get("freeze"),
+             "data.format": (config.get("data") or {}).get("format")}
+    if not config.get("init_from"):
+        ident.update(_flat(config.get("model") or {}, "model"))
+    return ident
+
+
+def config_mismatch(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
+    """`setting: checkpoint's value -> this run's` for every identity setting that differs."""
+    if not saved or not current:
+        return []
+    a, b = _identity(json.loads(json.dumps(saved, default=str))), _identity(json.loads(json.dumps(current, default=str)))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def load_checkpoint(path: str | Path, model, optimizer, engine=None, frozen_from: Any = None,
+                    config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore the trainable tensors, optimizer and RNG in place (a collective); returns the trainer
     state (step, loader, ...). The frozen tensors are the model's own, rebuilt from `frozen_from`
     (init_from's file sha256s, or the seed), which must be what the checkpoint's run started from.
-    `engine`: a DeepSpeed engine, for checkpoints it wrote."""
+    `engine`: a DeepSpeed engine, for checkpoints it wrote. `config`: this run's resolved config;
+    a checkpoint of another model, init_from, freeze plan or data format is refused, naming what differs."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise ValueError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
     state = json.loads((path / STATE).read_text())
+    differs = config_mismatch(state.get("config"), config)
+    if differs:
+        raise ValueError(f"{path.parent.parent}: holds a checkpoint of another run ({'; '.join(differs[:4])}"
+                         f"{'; ...' if len(differs) > 4 else ''}); choose a new out_dir, or the settings it was made with")
     was = state.get("frozen_from")
     if frozen_from is not None and was is not None and was != json.loads(json.dumps(frozen_from, default=str)):
         raise ValueError(f"{path}: was trained from {was}, this run starts from {frozen_from}; its frozen tensors "
@@ -112,7 +147,12 @@ def load_checkpoint(path: str | Path, model, optimizer, engine=None, frozen_from
         return state
     msd, osd = get_state_dict(model, optimizer)
     loaded = {"model": _trainable_only(model, msd), "optim": osd, "rng": torch.get_rng_state()}
-    dcp.load(loaded, checkpoint_id=str(path))
+    try:
+        dcp.load(loaded, checkpoint_id=str(path))
+    except (RuntimeError, KeyError) as e:  # DCP's "Missing key in checkpoint state_dict" and the like
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: does not fit this run's model ({first[:200]}); choose a new out_dir, or resume "
+                         "with the settings the checkpoint was made with") from e
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
                    options=StateDictOptions(strict=False))
     torch.set_rng_state(loaded["rng"])

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.config.train import RunConfig, as_run_config
-from flexmoe.io.model_dir import CONFIG
+from flexmoe.io.model_dir import CONFIG, META
 from flexmoe.model import Transformer
 from flexmoe.train.build import build_for_training, build_model  # noqa: F401  (build_model re-exported)
 from flexmoe.train.final import write_final
@@ -127,6 +127,14 @@ def check_run_inputs(cfg: RunConfig) -> None:
                 tokenizer, model = windows.manifest["tokenizer"], f"{model} (with the tokenizer of data.{split}.{name})"
 
 
+def check_not_finished(cfg: RunConfig) -> None:
+    """Refuse to train into an out_dir whose run finished (final/ written) unless trainer.overwrite_final."""
+    final = Path(cfg.out_dir) / "final"
+    if (final / META).is_file() and not cfg.trainer.overwrite_final:
+        raise ValueError(f"out_dir={cfg.out_dir}: holds a finished run ({final}); choose a new out_dir, or "
+                         "trainer.overwrite_final=true to train it again and replace final/")
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run one training stage to `trainer.steps`, resuming from `out_dir` when it holds a checkpoint.
 
@@ -143,6 +151,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if cfg.dry_run:
             raise ValueError("privacy.enabled=true has no dry run; drop --dry-run")
         check_run_inputs(cfg)  # before anything is written: a refused run leaves nothing behind
+        check_not_finished(cfg)
         return train_private(cfg)
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
@@ -169,6 +178,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     if cfg.dry_run:
         return info
     check_run_inputs(cfg)  # the data against the model, before anything is written
+    check_not_finished(cfg)
     out.mkdir(parents=True, exist_ok=True)
     dims = resolve_dims(cfg.parallel, world_size, ModelConfig.load(Path(cfg.init_from) / CONFIG)
                         if cfg.init_from else cfg.model)
@@ -199,7 +209,8 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     ckpt_root = out / "checkpoints"
     done = ckpt.complete_checkpoints(ckpt_root)
     if cfg.trainer.resume and done:
-        state = ckpt.load_checkpoint(done[-1], model, optimizer, engine=engine, frozen_from=built.source)
+        state = ckpt.load_checkpoint(done[-1], model, optimizer, engine=engine, frozen_from=built.source,
+                                     config=dataclasses.asdict(cfg))
         loader.load_state_dict(state["loader"])
         start, tokens_seen = state["step"], state["tokens_seen"]
         if rank == 0:
