@@ -4,9 +4,7 @@ model card every export writes."""
 
 import json
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -36,7 +34,7 @@ def world(tmp_path_factory):
     merged = merge(public, pkgs, root / "merged", top_k=2, routing="topk")
     text = root / "t.txt"
     text.write_text("0123456789 abc " * 400)
-    data = prepare_data([text], root / "data", ByteTokenizer(), progress=False)
+    prepare_data([text], root / "data", ByteTokenizer(), progress=False)
     return {"root": root, "public": public, "merged": merged, "data": root / "data"}
 
 

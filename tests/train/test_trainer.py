@@ -180,3 +180,44 @@ def test_public_source_without_public_mix_is_announced_with_its_share(tmp_path, 
     cfg.stage.public_mix = 0.25
     build_train_source(cfg)
     assert "weighed like" not in capsys.readouterr().err
+
+
+def test_optimizer_choice_refuses_apex_on_dtensors():
+    """apex's FusedAdam reads raw pointers: refused on FSDP2/TP DTensors (and off CUDA); auto picks
+    torch's foreach on CPU, and the optimizer built from DTensors steps them."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from flexmoe.config.train import OptimConfig
+    from flexmoe.train.optim import build_optimizer, choose_impl
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        plain = torch.nn.Parameter(torch.randn(8, 4))
+        with pytest.raises(ValueError, match="DTensors"):
+            choose_impl([w], "apex", apex_available=True)
+        with pytest.raises(ValueError, match="CUDA tensors only"):
+            choose_impl([plain], "apex", apex_available=True)
+        with pytest.raises(ValueError, match="not installed"):
+            choose_impl([plain], "apex", apex_available=False)
+        assert choose_impl([w], "auto", apex_available=True) == "foreach"
+        with pytest.raises(ValueError, match="optim.impl='fast'"):
+            choose_impl([plain], "fast", apex_available=False)
+        m = torch.nn.Module()
+        m.w = w
+        opt = build_optimizer(m, OptimConfig(lr=0.1, weight_decay=0.0))
+        assert opt.defaults["foreach"] is True
+        before = w.full_tensor().clone()
+        w.grad = distribute_tensor(torch.ones(8, 4), mesh, [Shard(0)])
+        opt.step()
+        assert isinstance(w, DTensor) and not torch.equal(w.full_tensor(), before)
+    finally:
+        dist.destroy_process_group()

@@ -34,6 +34,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # auto: torch AdamW, fused on CUDA, foreach elsewhere (both take FSDP2/TP DTensors); apex: apex's
+    # FusedAdam, only on plain CUDA tensors (its kernels read raw pointers: no DTensors); torch: foreach.
+    impl: str = "auto"
 
 
 # The values of data.format, named here so the CLI can refuse a typo before importing torch.
@@ -160,6 +163,8 @@ class RunConfig:
             raise ValueError(f"stage.freeze={self.stage.freeze!r} is not one of {', '.join(FREEZE_PLAN_NAMES)}")
         if self.data.format not in DATA_FORMATS:
             raise ValueError(f"data.format={self.data.format!r} is not one of {', '.join(DATA_FORMATS)}")
+        if self.optim.impl not in ("auto", "torch", "apex"):
+            raise ValueError(f"optim.impl={self.optim.impl!r} is not one of auto, torch, apex")
         self._check_ranges()
         if self.privacy.enabled:
             self.privacy.validate()

@@ -24,14 +24,45 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    try:  # apex's fused AdamW is a CUDA fast path; torch AdamW is the reference.
-        from apex.optimizers import FusedAdam  # type: ignore
+    params = [p for g in groups for p in g["params"]]
+    impl = choose_impl(params, cfg.impl, _apex_fused_adam() is not None)
+    if impl == "apex":  # pragma: no cover - needs apex and a GPU
+        return _apex_fused_adam()(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **({"fused": True} if impl == "fused" else {"foreach": True}), **kwargs)
 
-        if all(p.is_cuda for g in groups for p in g["params"]):  # pragma: no cover - GPU only
-            return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    except Exception:
-        pass
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+IMPLS = ("auto", "torch", "apex")
+
+
+def choose_impl(params: list[torch.Tensor], requested: str, apex_available: bool) -> str:
+    """'fused' (torch AdamW's CUDA kernel), 'foreach' or 'apex', for these parameters.
+
+    apex's FusedAdam hands raw data pointers to its multi-tensor kernels, which FSDP2/TP parameters
+    (DTensors: local shards behind a wrapper) do not have, so it is refused on them; torch's fused
+    and foreach paths both take DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    if requested not in IMPLS:
+        raise ValueError(f"optim.impl={requested!r}: choose one of {', '.join(IMPLS)}")
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    if requested == "apex":
+        if not apex_available:
+            raise ValueError("optim.impl=apex: apex is not installed (its CUDA build); use optim.impl=auto")
+        if any(isinstance(p, DTensor) for p in params):
+            raise ValueError("optim.impl=apex: the parameters are DTensors (FSDP2/tensor parallel) and apex's FusedAdam "
+                             "works on plain tensors only; use optim.impl=auto (torch's fused AdamW)")
+        if not on_cuda:
+            raise ValueError("optim.impl=apex: apex's FusedAdam runs on CUDA tensors only; use optim.impl=auto")
+        return "apex"
+    return "fused" if requested == "auto" and on_cuda else "foreach"
+
+
+def _apex_fused_adam():
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore
+    except Exception:  # noqa: BLE001  (not installed, or built without its CUDA extension)
+        return None
+    return FusedAdam
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
