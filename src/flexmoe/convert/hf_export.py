@@ -17,6 +17,7 @@ from flexmoe.io.extras import write_extras
 from flexmoe.convert.hf import hf_config
 from flexmoe.convert.hf_doc import doc_release
 from flexmoe.convert.model_card import model_card
+from flexmoe.io.log import get_logger
 from flexmoe.io.keys import key_pairs
 from flexmoe.io.hf_dir import HF_CONFIG, INDEX, SINGLE, copy_tokenizer
 from flexmoe.io.native import open_native, parse_size
@@ -26,6 +27,7 @@ from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, CheckpointError, atomic_
 from flexmoe.io.stream import FilePool, LazyTensor, out_dtype, out_nbytes, write_file
 from flexmoe.io.keys import router_bias_key
 
+log = get_logger(__name__)
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,6 +85,8 @@ def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "
             tok = _tokenizer_dir(src, meta)
             if tok is not None:
                 copy_tokenizer(tok, tmp)
+            elif _is_bytes(meta.get("tokenizer")):
+                _write_byte_tokenizer(tmp, cfg.max_seq_len)
             carried = write_extras(src, tmp, native, meta, pool)
             (tmp / "README.md").write_text(model_card(cfg, meta, use=use, remote_code=doc is not None))
             write_json(tmp / META, {**{k: v for k, v in meta.items() if k not in ("files", "tokenizer", "router_embedding")},
@@ -111,6 +115,21 @@ def _check_router_bias(src: Path, cfg, native: dict[str, LazyTensor], pool: File
             raise CheckpointError(f"{src / WEIGHTS}: {router_bias_key(i)} is non-zero ({applied.tolist()}); "
                                   "Hugging Face FlexOlmo has no router bias, so the export would route differently; "
                                   "zero the biases (or fold them into a release without them) before export")
+
+
+def _is_bytes(spec: Any) -> bool:
+    return spec == "bytes" or (isinstance(spec, dict) and spec.get("type") == "bytes")
+
+
+def _write_byte_tokenizer(tmp: Path, max_len: int) -> None:
+    """The byte tokenizer as an HF tokenizer (data/tokenize.py), so `AutoTokenizer` loads the release."""
+    from flexmoe.data.tokenize import write_hf_byte_tokenizer
+
+    try:
+        write_hf_byte_tokenizer(tmp, max_len)
+    except ImportError:
+        log.warning("no tokenizer written: the byte tokenizer's HF form needs the `tokenizers` package "
+                    "(pip install tokenizers, or transformers)")
 
 
 def _tokenizer_dir(src: Path, meta: dict[str, Any]) -> Path | None:

@@ -49,7 +49,9 @@ def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
                 meta["removed"] = src_meta["removed"]
         else:
             meta.update(kind="public", fingerprint=fp)
-        if copy_tokenizer(src, tmp / TOKENIZER_DIR):
+        if _is_flexmoe_bytes(src):  # an export of a bytes model: ids are bytes, as data made with --tokenizer bytes
+            meta["tokenizer"] = "bytes"
+        elif copy_tokenizer(src, tmp / TOKENIZER_DIR):
             meta["tokenizer"] = {"type": "hf", "path": TOKENIZER_DIR}  # relative to the model directory
         hashed: tuple[str, ...] = ()
         if router_public is not None:  # the public row merge needs, carried by export-hf
@@ -71,3 +73,14 @@ def _bind(meta: dict[str, Any], tap, listed_in: Path) -> dict[str, Any]:
                                   "match its tensor_sha256; the expert was swapped or altered, do not use this model")
         experts.append(dict(e, tensor_sha256=digests[(j, j)]))
     return dict(meta, experts=experts)
+
+
+def _is_flexmoe_bytes(src: Path) -> bool:
+    """True for the HF form of flexmoe's byte tokenizer (data/tokenize.write_hf_byte_tokenizer)."""
+    import json
+
+    try:
+        config = json.loads((Path(src) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("flexmoe_tokenizer") == "bytes"

@@ -62,6 +62,45 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
+def _byte_symbols() -> dict[int, str]:
+    """Byte -> the printable character byte-level tokenizers use for it (GPT-2's table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    symbols, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return symbols
+
+
+def write_hf_byte_tokenizer(out_dir: str | Path, model_max_length: int) -> list[str]:
+    """Save ByteTokenizer as a Hugging Face tokenizer `AutoTokenizer` loads, giving exactly its ids:
+    byte b is id b (a byte-level BPE without merges), `<|endoftext|>` 256, `<|pad|>` 257; decoding
+    gives the text back. Returns the files written. Needs the `tokenizers` package (a dependency
+    of transformers)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    symbols = _byte_symbols()
+    tok = Tokenizer(models.BPE(vocab={symbols[b]: b for b in range(256)}, merges=[]))
+    # no regex split and no prefix space: the text is one run of bytes, each its own token
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True), AddedToken("<|pad|>", special=True)])
+    if (tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")) != (ByteTokenizer.eos_id, ByteTokenizer.pad_id):
+        raise AssertionError("the byte tokenizer's special ids moved")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+              "add_bos_token": False, "add_eos_token": False, "flexmoe_tokenizer": "bytes"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"},
+                                                            indent=2) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
 def _token_name(value: Any) -> str | None:
     # tokenizer_config.json stores special tokens either as a string or as an AddedToken dict.
     if isinstance(value, str):

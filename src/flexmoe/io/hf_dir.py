@@ -15,14 +15,12 @@ from typing import Any
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.io.keys import HF_FUSED_KEY as _FUSED, hf_shapes, key_pairs
-from flexmoe.io.model_dir import CheckpointError, read_json
+from flexmoe.io.model_dir import TOKENIZER_FILES, CheckpointError, read_json  # noqa: F401  (re-exported)
 from flexmoe.io.schema import HF_CONFIG as HF_CONFIG_SCHEMA, HF_META, check, read_record
 from flexmoe.io.stream import LazyTensor, read_header, stack
 
 INDEX, SINGLE, HF_CONFIG = "model.safetensors.index.json", "model.safetensors", "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 
 @dataclass

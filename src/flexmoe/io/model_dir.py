@@ -76,6 +76,33 @@ def save_model_dir(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torc
     return Path(dst)
 
 
+# Files of a Hugging Face tokenizer directory (the ones a model directory carries in `tokenizer/`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_DIR = "tokenizer"
+
+
+def carry_tokenizer(meta: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """`meta` for a model directory being written into `tmp`, with its HF tokenizer copied into
+    `tmp/tokenizer/` and recorded there: every model a model is made from (branch, train, merge,
+    remove-expert, import) then carries the tokenizer its data was made with, and export-hf ships it."""
+    spec = meta.get("tokenizer")
+    if isinstance(spec, str) and spec != "bytes" and Path(spec).is_dir():  # the run's `tokenizer=DIR` setting
+        spec = {"type": "hf", "path": str(Path(spec).resolve())}
+    if not (isinstance(spec, dict) and spec.get("type") == "hf" and isinstance(spec.get("path"), str)):
+        return meta
+    src = Path(spec["path"])
+    if not src.is_absolute() or (tmp / TOKENIZER_DIR).resolve() == src.resolve():
+        return meta  # already inside the directory being written (relative), or copied there
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not names:
+        return meta  # nothing to carry: the record stays as it was (readers say what is missing)
+    (tmp / TOKENIZER_DIR).mkdir(exist_ok=True)
+    for n in names:
+        shutil.copy2(src / n, tmp / TOKENIZER_DIR / n)
+    return dict(meta, tokenizer=dict(spec, path=TOKENIZER_DIR))
+
+
 def read_model_meta(src: str | Path) -> dict[str, Any]:
     """flexmoe.json of a native model directory, checked against its schema and the directory.
 
@@ -89,6 +116,12 @@ def read_model_meta(src: str | Path) -> dict[str, Any]:
     meta = read_json(src / META)
     check(meta, MODEL_META, src / META)
     check_model_meta(src, meta)
+    spec = meta.get("tokenizer")
+    if isinstance(spec, dict) and spec.get("type") == "hf" and isinstance(spec.get("path"), str) \
+            and not Path(spec["path"]).is_absolute():
+        # relative to this directory: made absolute so that a model written from this one (branch,
+        # train, merge, remove-expert) finds the files and carries them (carry_tokenizer)
+        meta = dict(meta, tokenizer=dict(spec, path=str((src / spec["path"]).resolve())))
     return meta
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from flexmoe.config.model import ModelConfig
 from flexmoe.io.keys import NATIVE_ONLY, native_shapes, storage_order
 from flexmoe.io.hf_dir import hf_architecture
-from flexmoe.io.model_dir import (CONFIG, META, CheckpointError, check_weight_listing, read_model_meta, refuse_temp_dir,
+from flexmoe.io.model_dir import (CONFIG, META, CheckpointError, carry_tokenizer, check_weight_listing, read_model_meta, refuse_temp_dir,
                                   verify_files, write_json)
 from flexmoe.io.files import sha256_file
 from flexmoe.io.fingerprint import expert_record_keys, verify_expert_hashes
@@ -123,7 +123,7 @@ def write_native(tmp: Path, cfg: ModelConfig, tensors: dict[str, Source], meta: 
         meta = finish(meta)
     cfg.save(tmp / CONFIG)
     files = {**files, CONFIG: sha256_file(tmp / CONFIG), **{n: sha256_file(tmp / n) for n in hashed}}
-    meta = {"format": MODEL_FORMAT, **meta, "files": files}
+    meta = {"format": MODEL_FORMAT, **carry_tokenizer(meta, tmp), "files": files}
     write_json(tmp / META, meta)
     from flexmoe.io.writer import kill_point
 

@@ -23,7 +23,7 @@ import torch
 from flexmoe.config.model import ModelConfig
 from flexmoe.io.files import sha256_file
 from flexmoe.io.fingerprint import anchor_view, bind_expert_hashes
-from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, atomic_dir, write_json
+from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, atomic_dir, carry_tokenizer, write_json
 from flexmoe.io.schema import MODEL_FORMAT
 from flexmoe.io.stream import DTYPE_NAMES, FilePool, read_header, write_all
 
@@ -145,6 +145,7 @@ def write_streamed_model_dir(dst: str | Path, cfg: ModelConfig, sources: dict[st
             tensors, _ = read_header(tmp / WEIGHTS)
             with FilePool() as pool:
                 meta = dict(meta, experts=bind_expert_hashes(meta["experts"], tensors, cfg.num_layers, pool.chunks))
-        meta = {"format": MODEL_FORMAT, **meta, "files": {WEIGHTS: weights_sha, CONFIG: sha256_file(tmp / CONFIG)}}
+        meta = {"format": MODEL_FORMAT, **carry_tokenizer(meta, tmp),
+                "files": {WEIGHTS: weights_sha, CONFIG: sha256_file(tmp / CONFIG)}}
         write_json(tmp / META, meta)
     return Path(dst), meta
