@@ -17,6 +17,7 @@ NAMES = {
     "package": "package", "merge": "merge", "eval": "eval", "quickstart": "quickstart",
     "import-hf": "import_hf", "export-hf": "export_hf", "remove-expert": "remove_expert",
     "generate": "generate", "audit-extraction": "audit_extraction", "consent": "consent",
+    "checkpoint-to-model": "checkpoint_to_model",
 }
 
 

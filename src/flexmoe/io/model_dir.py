@@ -109,6 +109,9 @@ def read_model_meta(src: str | Path) -> dict[str, Any]:
     A directory without one is refused: it is what lists the files' sha256s, so a model without it
     could be anything (a Hugging Face directory needs `flexmoe import-hf`)."""
     src = Path(src)
+    if not (src / META).is_file() and (src / "trainer_state.json").is_file():
+        raise CheckpointError(f"{src}: is a training checkpoint, not a model directory; turn it into one with "
+                              f"`flexmoe checkpoint-to-model {src} OUT`")
     if not (src / META).is_file():
         raise CheckpointError(f"{src / META}: missing; a flexmoe model directory records its files' sha256s there "
                               "(made by train, branch, merge or import-hf; a Hugging Face directory needs "
