@@ -62,10 +62,11 @@ def main(argv: list[str]) -> int:
     # opted-out experts and, with --use, experts whose consent does not cover it are off, in the
     # model and in the soup alike
     mask = active_mask(meta.get("experts") or [], use=a.use, opt_out=opt_out, today=a.date) if cfg.is_moe else None
-    rows = {"model": {d: perplexity(model_logprobs(model, mask, router), w, a.num_windows) for d, w in data.items()}}
+    rows = {"model": {d: perplexity(model_logprobs(model, mask, router), w, a.num_windows, label=f"eval {d}")
+                      for d, w in data.items()}}
     if a.soup and cfg.is_moe:
         s = soup_model(model, mask)
-        rows["soup"] = {d: perplexity(model_logprobs(s), w, a.num_windows) for d, w in data.items()}
+        rows["soup"] = {d: perplexity(model_logprobs(s), w, a.num_windows, label=f"eval soup {d}") for d, w in data.items()}
     # nan/inf (a model whose outputs overflow) is not JSON: reported as null, and said on stderr
     bad = [f"{row}/{d}={v}" for row, r in rows.items() for d, v in r.items() if finite_or_none(v) is None]
     rows = {row: {d: finite_or_none(v) for d, v in r.items()} for row, r in rows.items()}

@@ -21,6 +21,7 @@ import torch
 from flexmoe.io.model_dir import CheckpointError, read_json, write_json
 from flexmoe.train.load import load_model
 from flexmoe.io.files import atomic_write_bytes, sha256_file
+from flexmoe.io.progress import Progress
 from flexmoe.data.ngrams import DEFAULT_BUCKETS, ngram_profile
 
 
@@ -47,12 +48,15 @@ def hidden_state_embedding(model, windows, num_windows: int = 128, batch_size: i
     if len(idx) == 0:
         raise ValueError("router embedding needs at least one window of data")
     sums, count = None, 0
+    progress = Progress("router-embed: hidden states", len(idx), unit="windows")
     for start in range(0, len(idx), batch_size):
         batch = torch.from_numpy(np.stack([windows[int(i)] for i in idx[start:start + batch_size]]))
         hs = model(batch[:, :-1], capture_hidden=True, last_hidden_only=True).hidden_states
         layer_sums = torch.stack([h.float().sum(dim=(0, 1)) for h in hs])
         sums = layer_sums if sums is None else sums + layer_sums
         count += batch[:, :-1].numel()
+        progress.advance(len(batch))
+    progress.finish(None)
     return sums / count
 
 

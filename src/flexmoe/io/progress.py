@@ -48,12 +48,24 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_seconds(s: float) -> str:
+    """12s, 3m04s, 2h05m: an ETA or elapsed time a person reads at a glance."""
+    s = max(int(round(s)), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Progress:
     """A byte counter shown as a tqdm bar on a terminal and as lines in a log."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic, log_every: float = 10.0, quiet: bool | None = None):
-        self.label, self.total, self.done_bytes = label, max(total, 1), 0
+                 clock: Callable[[], float] = time.monotonic, log_every: float = 10.0, quiet: bool | None = None,
+                 unit: str = "B"):
+        # `unit`: "B" counts bytes (shown as MB/GB); any other name counts items (windows, steps)
+        self.label, self.total, self.done_bytes, self.unit = label, max(total, 1), 0, unit
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
         self.quiet = is_quiet() if quiet is None else quiet
@@ -66,15 +78,18 @@ class Progress:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, desc=f"[flexmoe] {self.label}", unit="B", unit_scale=True,
-                             unit_divisor=1000, file=self.stream, dynamic_ncols=True, leave=False, mininterval=0.2)
+            self._bar = tqdm(total=self.total, desc=f"[flexmoe] {self.label}", unit=self.unit,
+                             unit_scale=self.unit == "B", unit_divisor=1000, file=self.stream, dynamic_ncols=True, leave=False, mininterval=0.2)
         return self._bar
 
     def line(self, now: float) -> str:
         elapsed = now - self.start
         rate = self.done_bytes / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done_bytes) / rate if rate > 0 else float("inf")
-        eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
+        eta_s = format_seconds(eta) if eta != float("inf") else "?"
+        if self.unit != "B":
+            return (f"[flexmoe] {self.label}: {self.done_bytes:,} / {self.total:,} {self.unit} "
+                    f"({100 * self.done_bytes / self.total:.0f}%), {rate:,.1f} {self.unit}/s, ETA {eta_s}")
         return (f"[flexmoe] {self.label}: {human_bytes(self.done_bytes)} / {human_bytes(self.total)} "
                 f"({100 * self.done_bytes / self.total:.0f}%), {human_bytes(rate)}/s, ETA {eta_s}")
 
@@ -112,5 +127,8 @@ class Progress:
         if self.quiet or what is None:
             return
         elapsed = max(self.clock() - self.start, 1e-9)
+        if self.unit != "B":
+            self._write(f"[flexmoe] {self.label}: {what}, {self.done_bytes:,} {self.unit} in {elapsed:.1f}s")
+            return
         self._write(f"[flexmoe] {self.label}: {what}, {human_bytes(self.done_bytes)} in {elapsed:.1f}s "
                     f"({human_bytes(self.done_bytes / elapsed)}/s)")

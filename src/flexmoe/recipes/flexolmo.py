@@ -70,7 +70,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     threads_each = max(1, cores // jobs)
 
     # 1. Corpora and token shards (bytes as tokens: no tokenizer to train or download).
-    say("building corpora from this machine's own text (stdlib, licences, pydoc topics, arithmetic)", t0)
+    say("[1/6] building corpora from this machine's own text (stdlib, licences, pydoc topics, arithmetic)", t0)
     corpora = build_builtin_corpora(out / "corpora", max_bytes_per_domain=cfg.max_bytes_per_domain, seed=cfg.seed)
     tok = ByteTokenizer()
     data: dict[str, dict[str, Path]] = {}
@@ -82,13 +82,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             if not (d / "manifest.json").exists():
                 prepare_data(corpora[domain][split], d, tok, domain=domain, progress=False)
             data.setdefault(domain, {})[split] = d
-    say("token shards ready: " + ", ".join(f"{d}" for d in data), t0)
+    say("[2/6] token shards ready: " + ", ".join(f"{d}" for d in data), t0)
 
     # 2. The public model, pretrained on public text only.
     common = [f"data.seq_len={cfg.seq_len}", f"data.batch_size={cfg.batch_size}", "tokenizer=bytes",
               f"trainer.seed={cfg.seed}", "trainer.log_every=50"]
     if not (out / "public" / "final" / "flexmoe.json").exists():
-        say(f"training the public model ({cfg.public_steps} steps)", t0)
+        say(f"[3/6] training the public model ({cfg.public_steps} steps)", t0)
     public = train_public_model(out, data["public"], seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                 steps=cfg.public_steps, lr=cfg.public_lr, seed=cfg.seed, threads=cores,
                                 log=logs / "public.log")
@@ -106,6 +106,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         if not (d / "anchor" / "flexmoe.json").exists():
             run_step(flexmoe + ["branch", str(public), str(d / "anchor"), "--router-embedding",
                             str(d / "router.safetensors")], log, threads_each)
+        say(f"      {domain}: router row and branch ready, training its expert (log: {log})", t0)
         run_step(flexmoe + ["train", f"out_dir={d / 'train'}", "stage=expert_anchor", f"init_from={d / 'anchor'}",
                         f"+data.train.{domain}={data[domain]['train']}",
                         f"+data.train.public={data['public']['train']}",
@@ -113,11 +114,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                         f"trainer.steps={cfg.expert_steps}", f"optim.lr={cfg.expert_lr}",
                         f"optim.warmup_steps={max(cfg.expert_steps // 20, 1)}", f"trainer.threads={threads_each}",
                         f"meta.owner=owner-{domain}", f"meta.domain={domain}", *common], log, threads_each)
+        say(f"      {domain}: expert trained ({cfg.expert_steps} steps), packaging", t0)
         run_step(flexmoe + ["package", str(d / "train" / "final"), str(pkg), "--owner", f"owner-{domain}",
                         "--domain", domain, "--licence", "research", "--allowed-uses", "research"], log, threads_each)
         return pkg
 
-    say(f"training {len(cfg.domains)} experts, {jobs} owner process(es) at a time, each on its own data", t0)
+    say(f"[4/6] training {len(cfg.domains)} experts, {jobs} owner process(es) at a time, each on its own data", t0)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         packages = dict(zip(cfg.domains, pool.map(owner, cfg.domains)))
 
@@ -126,7 +128,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if not (merged / "flexmoe.json").exists():
         run_step(flexmoe + ["merge", str(public), *map(str, packages.values()), "--out", str(merged),
                         "--top-k", str(cfg.top_k), "--routing", cfg.routing], logs / "merge.log", cores)
-    say("merged; evaluating", t0)
+    say("[5/6] merged; evaluating (the report runs every model on every domain)", t0)
 
     # 5. Evaluate and report.
     from flexmoe.recipes.report import evaluate_lifecycle, write_report
@@ -137,5 +139,5 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t0
     results["config"] = dataclasses.asdict(cfg)
     write_report(out, results, cfg.domains)
-    say(f"done: {out / 'report.md'}", t0)
+    say(f"[6/6] done: {out / 'report.md'}", t0)
     return results

@@ -22,13 +22,22 @@ def model_logprobs(model, expert_mask: torch.Tensor | None = None, router=None) 
 
 
 @torch.no_grad()
-def perplexity(logprob_fn: LogProbFn, windows, num_windows: int = 64, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over the first `num_windows` windows of a TokenWindows set."""
+def perplexity(logprob_fn: LogProbFn, windows, num_windows: int = 64, batch_size: int = 8, label: str | None = None) -> float:
+    """exp(mean next-token NLL) over the first `num_windows` windows of a TokenWindows set.
+
+    `label`: show progress (windows done, rate, ETA) under this name on stderr."""
+    from flexmoe.io.progress import Progress
+
     n = min(len(windows), num_windows)
+    progress = Progress(label, n, unit="windows") if label else None
     nll, count = 0.0, 0
     for start in range(0, n, batch_size):
         batch = torch.from_numpy(np.stack([windows[i] for i in range(start, min(start + batch_size, n))]))
         lp = logprob_fn(batch[:, :-1])
         nll -= lp.gather(-1, batch[:, 1:, None]).sum().item()
         count += batch[:, 1:].numel()
+        if progress is not None:
+            progress.advance(len(batch))
+    if progress is not None:
+        progress.finish(None)
     return math.exp(nll / max(count, 1))

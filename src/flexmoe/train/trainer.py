@@ -33,6 +33,7 @@ from flexmoe.train.memory import GIB, MemoryEstimate, check_fits
 from flexmoe.train.optim import build_optimizer, lr_at
 from flexmoe.train.sources import build_train_source, data_format, open_windows  # noqa: F401  (re-exported)
 from flexmoe.io.log import get_logger
+from flexmoe.io.progress import format_seconds
 
 log = get_logger(__name__)
 
@@ -224,6 +225,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum * dp_size
     forward = engine if engine is not None else model
     t_last, steps_since, losses = time.perf_counter(), 0, []
+    t_start = t_last
     history: list[dict[str, Any]] = []
     preemption = Preemption(out, cfg.trainer.preempt_signal, cfg.trainer.requeue)
     for step in range(start, cfg.trainer.steps):
@@ -282,8 +284,12 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             rec = {"step": s, "loss": sum(losses) / len(losses), "lr": lr, "tokens_per_s": tps,
                    "tokens_per_s_per_device": per_device, "mfu": mfu, "peak_mem_gib": peak_memory_gib(device),
                    "grad_norm": float(gnorm) if gnorm is not None else None, "tokens_seen": tokens_seen}
+            # ETA from this run's own steps so far (a resumed run does not count the steps it skipped)
+            elapsed = time.perf_counter() - t_start
+            rec["eta_s"] = elapsed / (s - start) * (cfg.trainer.steps - s)
             logger.log(rec, f"step {s:>6}/{cfg.trainer.steps}  loss {rec['loss']:.4f}  lr {lr:.2e}  "
-                            f"tok/s/dev {per_device:,.0f}  mfu {mfu:.1%}  mem {rec['peak_mem_gib']:.2f}GiB")
+                            f"tok/s/dev {per_device:,.0f}  mfu {mfu:.1%}  mem {rec['peak_mem_gib']:.2f}GiB  "
+                            f"elapsed {format_seconds(elapsed)}  eta {format_seconds(rec['eta_s'])}")
             t_last, steps_since, losses = time.perf_counter(), 0, []
         module = engine.module if engine is not None else model
         if cfg.trainer.eval_every and s % cfg.trainer.eval_every == 0 and s < cfg.trainer.steps and val:
