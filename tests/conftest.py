@@ -9,6 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 # Tests must be deterministic and not fight over the 2 cores with the ranks they spawn.
 torch.set_num_threads(int(os.environ.get("FLEXMOE_TEST_THREADS", "2")))
+# `flexmoe train` defaults to trainer.dtype=auto (bf16 on CPUs with AMX, fp32 elsewhere); the tests'
+# numbers must not depend on which CPU runs them, so auto means fp32 here (and in the processes the
+# tests start). tests/train/test_auto_dtype.py tests the choice itself.
+os.environ.setdefault("FLEXMOE_AUTO_DTYPE", "fp32")
 
 
 def pytest_configure(config):

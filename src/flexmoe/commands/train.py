@@ -66,6 +66,10 @@ def main(argv: list[str]) -> int:
 
                 print(OmegaConf.to_yaml(cfg))
                 mcfg = load_config_of(run.init_from) if run.init_from else run.model
+                from flexmoe.parallel.mesh import local_device
+                from flexmoe.train.hardware import resolve_dtype
+
+                run = resolve_dtype(run, local_device())  # the estimate counts the dtype the run would use
                 info = dry_run(run, mcfg)
                 print(format_dry_run(info))
                 print(json.dumps(info, indent=1))

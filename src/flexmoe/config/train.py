@@ -59,7 +59,9 @@ class TrainerConfig:
     steps: int = 100
     grad_accum: int = 1
     seed: int = 0
-    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    # fp32 | bf16 (autocast) | auto: bf16 on GPUs and on CPUs with AMX/AVX512-BF16, fp32 on others (bf16
+    # is ~90x slower on AVX2-only CPUs); `flexmoe train` defaults to auto (conf/train.yaml)
+    dtype: str = "fp32"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
@@ -190,7 +192,7 @@ class RunConfig:
             (t.keep_last >= 0, f"trainer.keep_last={t.keep_last} must be >= 0 (0: keep every checkpoint)"),
             (t.stop_after >= 0, f"trainer.stop_after={t.stop_after} must be >= 0 (0: run to trainer.steps)"),
             (t.threads >= 0, f"trainer.threads={t.threads} must be >= 0 (0: torch's default)"),
-            (t.dtype in ("fp32", "bf16"), f"trainer.dtype={t.dtype!r} is not fp32|bf16"),
+            (t.dtype in ("fp32", "bf16", "auto"), f"trainer.dtype={t.dtype!r} is not fp32|bf16|auto"),
             (d.seq_len >= 1, f"data.seq_len={d.seq_len} must be >= 1"),
             (d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1"),
             (all(math.isfinite(w) and w >= 0 for w in d.weights.values()),

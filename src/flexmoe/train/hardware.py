@@ -69,3 +69,27 @@ def describe_machine() -> dict[str, object]:
         except ModuleNotFoundError:
             info[f"has_{name.split('.')[-1]}"] = False
     return info
+
+
+AUTO_DTYPE_ENV = "FLEXMOE_AUTO_DTYPE"  # what trainer.dtype=auto means here, when set (fp32|bf16)
+
+
+def resolve_dtype(cfg, device: torch.device):
+    """`cfg` with trainer.dtype=auto replaced by what this machine runs fastest: bf16 on CUDA with
+    bf16 and on CPUs with fast bf16, else fp32 (DP training: always fp32); ${FLEXMOE_AUTO_DTYPE}
+    overrides the choice. Other values are returned unchanged."""
+    import dataclasses
+
+    if cfg.trainer.dtype != "auto":
+        return cfg
+    forced = os.environ.get(AUTO_DTYPE_ENV, "")
+    if forced and forced not in ("fp32", "bf16"):
+        raise ValueError(f"{AUTO_DTYPE_ENV}={forced!r}: set it to fp32 or bf16 (or unset it)")
+    chosen = "fp32" if cfg.privacy.enabled else forced or preferred_dtype(device)
+    why = ("DP training runs in fp32" if cfg.privacy.enabled else f"{AUTO_DTYPE_ENV}={forced}" if forced
+           else f"{device.type}: {'fast' if chosen == 'bf16' else 'no fast'} bf16"
+           + (f" ({cpu_name()})" if device.type == "cpu" else ""))
+    from flexmoe.io.log import get_logger
+
+    get_logger(__name__).info(f"trainer.dtype=auto -> {chosen} ({why})")
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, dtype=chosen))

@@ -34,6 +34,7 @@ from flexmoe.train.optim import build_optimizer, lr_at
 from flexmoe.train.sources import build_train_source, data_format, open_windows  # noqa: F401  (re-exported)
 from flexmoe.io.log import get_logger
 from flexmoe.io.progress import format_seconds
+from flexmoe.train.hardware import resolve_dtype
 
 log = get_logger(__name__)
 
@@ -145,6 +146,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     With `privacy.enabled=true` it runs DP-SGD instead (flexmoe.train.privacy.train_private).
     """
     cfg = as_run_config(cfg)  # a Hydra node from a caller becomes the typed config here, once
+    cfg = resolve_dtype(cfg, local_device())  # trainer.dtype=auto: by this machine's bf16 speed
     if cfg.privacy.enabled:
         # DP-SGD needs per-window gradients and its own sampler and accountant: a separate loop.
         from flexmoe.train.privacy import train_private
