@@ -22,8 +22,10 @@ the same way (they are simply not read).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state
         msd, osd = get_state_dict(model, optimizer)
         if not keep_frozen:
             msd = _trainable_only(model, msd)
-        dcp.save({"model": msd, "optim": osd, "rng": torch.get_rng_state()}, checkpoint_id=str(tmp))
+        with _single_process_quiet():
+            dcp.save({"model": msd, "optim": osd, "rng": torch.get_rng_state()}, checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
         (tmp / STATE).write_text(json.dumps(dict(trainer_state, step=step), indent=1, default=str))
@@ -75,6 +78,17 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    # DCP warns on every save and load of a one-process run ("torch.distributed is disabled ...
+    # assuming the intent is to save in a single process"): that is the intent, so the warning
+    # would only be noise in every user's log.
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -148,7 +162,8 @@ def load_checkpoint(path: str | Path, model, optimizer, engine=None, frozen_from
     msd, osd = get_state_dict(model, optimizer)
     loaded = {"model": _trainable_only(model, msd), "optim": osd, "rng": torch.get_rng_state()}
     try:
-        dcp.load(loaded, checkpoint_id=str(path))
+        with _single_process_quiet():
+            dcp.load(loaded, checkpoint_id=str(path))
     except (RuntimeError, KeyError) as e:  # DCP's "Missing key in checkpoint state_dict" and the like
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: does not fit this run's model ({first[:200]}); choose a new out_dir, or resume "
