@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,25 +83,24 @@ def _batches(docs, max_docs: int, max_chars: int):
 
 
 class _Progress:
-    """One stderr line, rewritten in place at most twice a second."""
+    """Files done and tokens so far, through io.progress (a tqdm bar on a terminal, a line every
+    10 s in a log, silent under --quiet), and one closing line with the totals."""
 
     def __init__(self, enabled: bool, num_files: int):
-        self.enabled, self.num_files, self.last = enabled, num_files, 0.0
-        self.open_line = False
+        from flexmoe.io.progress import Progress
+
+        self.bar = Progress("prepare-data", num_files, unit="files", quiet=None if enabled else True)
+        self.done = 0
 
     def show(self, files_done: int, num_tokens: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if self.enabled and (final or now - self.last >= 0.5):
-            self.last = now
-            line = f"\rprepare-data: {files_done}/{self.num_files} files, {num_tokens:,} tokens"
-            print(line, end="\n" if final else "", file=sys.stderr, flush=True)
-            self.open_line = not final
+        self.bar.advance(files_done - self.done)
+        self.done = files_done
+        if final:
+            self.bar.finish(f"{files_done}/{self.bar.total} files, {num_tokens:,} tokens")
 
     def end_line(self) -> None:
-        """End a progress line left open (the run failed midway), so an error starts on its own line."""
-        if self.open_line:
-            print(file=sys.stderr, flush=True)
-            self.open_line = False
+        """Close the bar of a run that failed midway, so its error starts on its own line."""
+        self.bar.finish(None)
 
 
 def _tokenize_files(
