@@ -17,6 +17,7 @@ from flexmoe.config.model import ModelConfig
 from flexmoe.io.keys import HF_FUSED_KEY as _FUSED, hf_shapes, key_pairs
 from flexmoe.io.model_dir import TOKENIZER_FILES, CheckpointError, read_json  # noqa: F401  (re-exported)
 from flexmoe.io.schema import HF_CONFIG as HF_CONFIG_SCHEMA, HF_META, check, read_record
+from flexmoe.io.shards import join_index
 from flexmoe.io.stream import LazyTensor, read_header, stack
 
 INDEX, SINGLE, HF_CONFIG = "model.safetensors.index.json", "model.safetensors", "config.json"
@@ -112,16 +113,7 @@ def _weights(path: Path) -> tuple[dict[str, LazyTensor], Path]:
                 raise CheckpointError(f"{path / INDEX}: names shard {name!r}; shards must be .safetensors files "
                                       "in the same directory")
         shards = {name: read_header(path / name)[0] for name in sorted(set(weight_map.values()))}
-        for key, name in weight_map.items():
-            if key not in shards[name]:
-                raise CheckpointError(f"{path / name}: lacks tensor {key}, which {INDEX} places there; "
-                                      "the index and the shards do not belong together")
-        for name, tensors in shards.items():
-            for key in tensors:
-                if weight_map.get(key) != name:
-                    raise CheckpointError(f"{path / INDEX}: has no entry for tensor {key} of {name}; "
-                                          "the index and the shards do not belong together")
-        return {k: shards[n][k] for k, n in weight_map.items()}, path / INDEX
+        return join_index(path, weight_map, shards), path / INDEX
     if (path / SINGLE).is_file():
         return read_header(path / SINGLE)[0], path / SINGLE
     pickles = sorted(p for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES) or p.name.endswith(".bin.index.json"))

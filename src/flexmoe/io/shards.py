@@ -104,7 +104,12 @@ def read_weights(src: Path) -> dict[str, LazyTensor]:
     if names == [WEIGHTS]:
         return read_header(src / WEIGHTS)[0]
     weight_map = _read_index(src)
-    shards = {name: read_header(src / name)[0] for name in names[1:]}
+    return join_index(src, weight_map, {name: read_header(src / name)[0] for name in names[1:]})
+
+
+def join_index(src: Path, weight_map: dict[str, str], shards: dict[str, dict[str, LazyTensor]]) -> dict[str, LazyTensor]:
+    """{key: tensor} of an index's `weight_map` over the shards' headers, checked both ways: every
+    tensor the index places is in its shard, and every tensor of a shard is in the index there."""
     for key, name in weight_map.items():
         if key not in shards[name]:
             raise CheckpointError(f"{src / name}: lacks tensor {key}, which {INDEX} places there; the index and the "
