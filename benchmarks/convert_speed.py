@@ -39,6 +39,7 @@ from flexmoe.io.native import open_native, write_native
 from flexmoe.io.schema import PACKAGE_FORMAT
 from flexmoe.io.stream import FilePool, stream_fingerprint
 from flexmoe.io.writer import Generated, write_file
+from flexmoe.train.hardware import cpu_name
 
 BENCH_CFG = ModelConfig(vocab_size=8192, d_model=2048, num_layers=8, num_heads=16, d_ff=2048, num_experts=4, top_k=2)
 PUBLIC_CFG = ModelConfig(vocab_size=8192, d_model=1024, num_layers=6, num_heads=8, d_ff=4096)
@@ -193,7 +194,7 @@ def main() -> None:
                 sizes["cp branch output"] = (_weights_bytes(work / "anchor"), _largest(work / "anchor"))
         print(f"built {', '.join(built)} of random fp32 weights in {build_s:.0f}s", file=sys.stderr)
         floor_rss = rows["python + torch + flexmoe (floor)"][1]
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+        cpu = cpu_name()
         print(f"\n{os.cpu_count()} cores, {cpu}; {os.uname().sysname} {os.uname().release}; best of {a.repeat}; "
               f"x cp: against cp of the same output bytes; / largest: peak RSS above the floor over the largest tensor")
         load = os.getloadavg()[0]

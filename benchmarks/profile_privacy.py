@@ -41,6 +41,7 @@ from flexmoe.data.ngrams import ngram_profile  # noqa: E402
 from flexmoe.data.private_ngrams import (DEFAULT_CAP_BUCKET, DEFAULT_CAP_TOTAL, directory_counts,  # noqa: E402
                                          noise_scale, noisy_counts, profile_from_noisy)
 from flexmoe.eval.profile_attack import auc, membership_scores, routing_accuracy  # noqa: E402
+from flexmoe.train.hardware import cpu_name  # noqa: E402
 
 OWNERS = ("code", "legal", "math")
 WINDOW = 256
@@ -139,7 +140,7 @@ def main() -> None:
                 rows.append((buckets, f"epsilon {eps:g}", unit, mean))
         print(f"{buckets} buckets done after {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_name()
     n_docs = {d: len(docs[d]) for d in OWNERS}
     cap_b = "none" if a.cap_bucket is None else f"{a.cap_bucket:g}"
     print(f"\n{os.cpu_count()} cores, {cpu}; 1 torch thread; {time.perf_counter() - t0:.0f} s in all "

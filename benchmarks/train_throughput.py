@@ -9,6 +9,13 @@ the same loss and AdamW, in a fresh process of its own, so the peak memory of on
 inherited by the next. Prints one table: tokens/s, MFU against this CPU's fp32 peak (a large
 matmul timed before and after the cases), time per step, and peak memory (the process's peak
 resident set, and its growth over the resident set once the model and optimizer are built).
+
+A second table (skip it with --build-ranks 0) is the trainer's memory per rank when it starts an
+`expert_anchor` run from an `init_from` model on --build-ranks gloo ranks (FSDP): the old build
+(FLEXMOE_FULL_BUILD=1: the whole file read and a full fp32 model built on every rank, then
+sharded) against the meta-device build that loads only each rank's shards. Each rank's peak
+resident set (VmHWM, reset just before `train()`) above its resident set at that moment, over the
+model's fp32 bytes, for the whole run: build, --build-steps steps and the final save.
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from flexmoe.config import ModelConfig  # noqa: E402
 from flexmoe.config.train import OptimConfig  # noqa: E402
 from flexmoe.train.freeze import PLANS, apply_freeze_plan  # noqa: E402
+from flexmoe.train.hardware import cpu_has_fast_bf16, cpu_name  # noqa: E402
 from flexmoe.model import Transformer  # noqa: E402
 from flexmoe.model.flops import flops_per_token  # noqa: E402
 from flexmoe.train.metrics import peak_memory_gib  # noqa: E402
@@ -116,6 +123,86 @@ def run_case(a, name: str) -> dict:
             "trainable": sum(p.numel() for p in params)}
 
 
+BUILD_CASES = {"old build (full model per rank)": "1", "meta-device build (local shards)": "0"}
+
+
+def _vm(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def build_model_config(a) -> ModelConfig:
+    return ModelConfig(vocab_size=258, d_model=a.build_d_model, num_layers=a.build_layers, num_heads=8,
+                       d_ff=a.build_d_ff, num_experts=2, top_k=2)
+
+
+def build_rank(a) -> None:
+    """One rank of a build-memory case (under torch.distributed.run): train, write this rank's peaks."""
+    import ctypes
+
+    from omegaconf import OmegaConf
+
+    from flexmoe.config.train import RunConfig
+    from flexmoe.train.trainer import train
+
+    # glibc returns freed large blocks at once, so the high-water mark measures what the run
+    # needs rather than what the allocator keeps (as tests/parallel/test_sharded_memory.py does)
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    root, rank = Path(a.build_root), int(os.environ.get("RANK", "0"))
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.out_dir, cfg.init_from = str(root / f"run-{a.build_rank}"), str(root / "init")
+    cfg.data.train = {"code": str(root / "train")}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.data.update(seq_len=16, batch_size=max(1, 4 // world))
+    cfg.trainer.update(steps=a.build_steps, log_every=1, threads=1, dtype="fp32")
+    cfg.optim.update(lr=3e-3, warmup_steps=1)
+    cfg.stage.update(freeze="expert_anchor", name="expert_anchor")
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _vm("VmRSS")
+    train(cfg)
+    (root / f"{a.build_rank}-rank{rank}.json").write_text(json.dumps({"base": base, "peak": _vm("VmHWM")}))
+
+
+def build_memory(a) -> list[tuple[str, list[float], float]]:
+    """(case, per-rank peak growth / fp32 model bytes, wall seconds) of each build path."""
+    import shutil
+    import sysconfig
+    import tempfile
+
+    from flexmoe.data import ByteTokenizer, prepare_data
+    from flexmoe.io.model_dir import save_model_dir
+
+    cfg = build_model_config(a)
+    root = Path(tempfile.mkdtemp(prefix="flexmoe-build-mem-"))
+    try:
+        prepare_data(sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-c]*.py"))[:4], root / "train",
+                     ByteTokenizer(), progress=False)
+        model = Transformer(cfg)
+        model.reset_parameters(seed=0)
+        fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+        save_model_dir(root / "init", cfg, model.state_dict(), {"kind": "moe"})
+        del model
+        rows = []
+        for name, full in BUILD_CASES.items():
+            tag = "old" if full == "1" else "new"
+            env = dict(os.environ, FLEXMOE_FULL_BUILD=full, FLEXMOE_QUIET="1", OMP_NUM_THREADS="1")
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={a.build_ranks}", __file__, *sys.argv[1:], "--build-rank", tag,
+                                "--build-root", str(root)], env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if r.returncode != 0:
+                raise SystemExit(f"{name}: failed\n{r.stderr[-3000:]}")
+            per = [json.loads((root / f"{tag}-rank{k}.json").read_text()) for k in range(a.build_ranks)]
+            rows.append((name, [(p["peak"] - p["base"]) / fp32_bytes for p in per], wall))
+        return rows, fp32_bytes
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 8) -> float:
     """fp32 FLOP/s of a large matmul, best of `repeats`, measured now rather than read from
     metrics.py's cache: on a shared machine the peak and the cases must see the same load."""
@@ -144,8 +231,18 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="runs of every case; the fastest counts")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--build-ranks", type=int, default=4, help="gloo ranks of the build-memory table (0: skip it)")
+    p.add_argument("--build-d-model", type=int, default=512)
+    p.add_argument("--build-layers", type=int, default=15)
+    p.add_argument("--build-d-ff", type=int, default=4096)
+    p.add_argument("--build-steps", type=int, default=2)
     p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # internal: one case per process
+    p.add_argument("--build-rank", choices=("old", "new"), help=argparse.SUPPRESS)  # internal: one rank of a case
+    p.add_argument("--build-root", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.build_rank:
+        build_rank(a)
+        return 0
     if a.case:
         print(json.dumps(run_case(a, a.case)))
         return 0
@@ -168,7 +265,7 @@ def main() -> int:
     peak = max(peak, matmul_peak(a.threads))
     for r in rows.values():
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-    cpu = platform.processor() or platform.machine()
+    cpu = f"{cpu_name()} (bf16 fast path: {'yes' if cpu_has_fast_bf16() else 'no'})"
     print(f"machine: {cpu}, {a.threads} torch threads, fp32, torch {torch.__version__}; "
           f"peak {peak / 1e9:.1f} GFLOP/s (2048^3 matmul, best before/after)")
     print(f"model: d_model {a.d_model}, {a.layers} layers, {a.heads} heads, d_ff {a.d_ff}, {a.experts} experts "
@@ -183,6 +280,17 @@ def main() -> int:
           f"(same first loss: {ours['first_loss']:.5f} vs {hf['first_loss']:.5f})")
     print(f"anchor recipe / all parameters: {anchor['step_s'] / ours['step_s']:.2f}x time per step, "
           f"{anchor['mem_growth_gib'] / max(ours['mem_growth_gib'], 1e-9):.2f}x memory growth")
+    if a.build_ranks > 0:
+        rows, fp32_bytes = build_memory(a)
+        bc = build_model_config(a)
+        print(f"\nbuild memory: expert_anchor from init_from, FSDP over {a.build_ranks} gloo ranks, {a.build_steps} "
+              f"steps + final save; model d_model {bc.d_model}, {bc.num_layers} layers, d_ff {bc.d_ff}, 2 experts "
+              f"({fp32_bytes / 2**20:,.0f} MiB in fp32); peak RSS growth per rank / model fp32 bytes")
+        print(f"{'build path':<36}{'per rank':>24}{'max':>8}{'wall s':>9}")
+        for name, ratios, wall in rows:
+            print(f"{name:<36}{' '.join(f'{x:.2f}x' for x in ratios):>24}{max(ratios):>7.2f}x{wall:>9.1f}")
+        (_, old, _), (_, new, _) = rows
+        print(f"meta-device build / old build, largest rank: {max(new) / max(old):.2f}x")
     return 0
 
 

@@ -124,6 +124,10 @@ class PrivacyConfig:
     # the owner's data computed without noise: a DP expert starts from a zero owner row (branch
     # without --router-embedding). True accepts such a start, and the dp record says so.
     allow_nonprivate_router_init: bool = False
+    # How per-unit gradients are clipped: book_keeping (one forward and one backward per batch,
+    # train/ghost.py), per_unit_backward (one backward per window: the reference), auto
+    # (book-keeping where the model qualifies: only experts and routers train, no auxiliary loss).
+    clipping: str = "auto"
 
     def validate(self) -> None:
         """Refuse settings that give no guarantee or no training, naming the setting."""
@@ -136,6 +140,8 @@ class PrivacyConfig:
              "privacy.noise_multiplier=0 gives no privacy; set it > 0, or set privacy.target_epsilon to calibrate it"),
             (self.target_epsilon >= 0, f"privacy.target_epsilon={self.target_epsilon} must be >= 0 (0: no target)"),
             (0 <= self.sampling_rate <= 1, f"privacy.sampling_rate={self.sampling_rate} must be in [0, 1]"),
+            (self.clipping in ("auto", "book_keeping", "per_unit_backward"),
+             f"privacy.clipping={self.clipping!r} is not auto|book_keeping|per_unit_backward"),
         ]
         for ok, msg in checks:
             if not ok:

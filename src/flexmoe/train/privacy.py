@@ -7,12 +7,13 @@ routes to. It starts from `init_from` (the owner's branched model), applies `sta
 writes `out_dir/final` like the trainer does, with a `dp` record in flexmoe.json that
 `flexmoe package` copies into the expert package's manifest.
 
-Why per-sample gradients are computed one window at a time, not with opacus' hooks or
-`torch.func.vmap`: the MoE dispatch sorts tokens of the whole batch by expert and splits them by
-data-dependent counts (`counts.tolist()`), so neither a per-layer hook (the batch dimension is
-gone inside the experts) nor vmap (no data-dependent sizes) sees per-sample tensors. One
-backward per window is exact for every routing policy, costs B small backward passes instead of
-one batched one, and keeps memory at one gradient copy. The accounting is opacus' (extra `dp`):
+Per-window gradients: neither opacus' per-layer hooks nor `torch.func.vmap` see per-sample
+tensors inside the MoE (the dispatch sorts the batch's tokens by expert and splits them by
+data-dependent counts). `privacy.clipping=book_keeping` (the default where the model qualifies)
+carries each token's window through the dispatch instead and assembles per-window norms and the
+clipped sum from one batched forward and backward (train/ghost.py). The reference,
+`per_unit_backward`, runs one backward per window: exact for every model, B small backward
+passes instead of one batched one; the tests hold the two equal. The accounting is opacus' (extra `dp`):
 its RDP accountant by default, its PRV accountant with `privacy.accountant=prv`
 (train/dp_accounting.py); without opacus, `privacy.enabled=true` is refused in one line.
 
@@ -72,43 +73,82 @@ def sample_loss(model, window_1S: torch.Tensor, expert_mask: torch.Tensor | None
 
 def clipped_sample_grads(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Parameter], max_grad_norm: float,
                          masks: Sequence[torch.Tensor | None] | None = None,
-                         expert_mask: torch.Tensor | None = None) -> Iterator[tuple[list[torch.Tensor], float, float]]:
-    """Per window of the batch: (its gradient scaled to norm <= max_grad_norm, norm before
-    clipping, its loss). Frozen coordinates (masks) are zero and do not count in the norm."""
+                         expert_mask: torch.Tensor | None = None,
+                         unit_of_window: Sequence[int] | torch.Tensor | None = None
+                         ) -> Iterator[tuple[list[torch.Tensor], float, float]]:
+    """The reference: per privacy unit of the batch (each window, or the windows `unit_of_window`
+    gives one id), one backward per window, summed over the unit's windows: (that gradient scaled
+    to norm <= max_grad_norm, its norm before clipping, the mean loss of its windows). Frozen
+    coordinates (masks) are zero and do not count in the norm. Units come in id order."""
     masks = list(masks) if masks is not None else [None] * len(params)
-    for b in range(batch_BS.shape[0]):
-        loss = sample_loss(model, batch_BS[b:b + 1], expert_mask)
-        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        out = []
-        for p, g, m in zip(params, grads, masks):
-            g = torch.zeros_like(p) if g is None else g.detach()
-            out.append(g * m if m is not None else g)
+    B = batch_BS.shape[0]
+    ids = list(range(B)) if unit_of_window is None else [int(u) for u in unit_of_window]
+    for unit in sorted(set(ids)):
+        out = [torch.zeros_like(p) for p in params]
+        losses = []
+        for b in (b for b in range(B) if ids[b] == unit):
+            loss = sample_loss(model, batch_BS[b:b + 1], expert_mask)
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+            for o, g, m in zip(out, grads, masks):
+                if g is not None:
+                    o.add_(g.detach() * m if m is not None else g.detach())
+            losses.append(float(loss.detach()))
         norm = float(torch.sqrt(sum((g.double().pow(2).sum() for g in out), torch.zeros((), dtype=torch.float64))))
         scale = min(1.0, max_grad_norm / (norm + 1e-6))
-        yield [g * scale for g in out], norm, float(loss.detach())
+        yield [g * scale for g in out], norm, float(np.mean(losses))
+
+
+CLIPPING = ("auto", "book_keeping", "per_unit_backward")
 
 
 def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Parameter], *, max_grad_norm: float,
                      noise_multiplier: float, expected_batch_size: float, generator: torch.Generator,
-                     masks: Sequence[torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """(sum of clipped per-window gradients + N(0, (sigma C)^2) on trainable coordinates) divided
-    by the expected batch size: Poisson batches vary in size, and dividing by the realised size
-    would leak it."""
+                     masks: Sequence[torch.Tensor | None] | None = None,
+                     unit_of_window: torch.Tensor | None = None,
+                     clipping: str = "auto") -> tuple[list[torch.Tensor], dict[str, float]]:
+    """(sum of clipped per-unit gradients + N(0, (sigma C)^2) on trainable coordinates) divided
+    by the expected batch size (in units): Poisson batches vary in size, and dividing by the
+    realised size would leak it.
+
+    `unit_of_window` `[B]`: each window's privacy unit, ids 0..U-1 (None: every window its own).
+    `clipping`: `book_keeping` (train/ghost.py: one forward and one backward for the batch),
+    `per_unit_backward` (the reference: one backward per window), or `auto` (book-keeping where
+    the model qualifies, `ghost.supported`)."""
+    from flexmoe.train import ghost
+
+    if clipping not in CLIPPING:
+        raise ValueError(f"privacy.clipping={clipping!r} is not {'|'.join(CLIPPING)}")
     masks = list(masks) if masks is not None else [None] * len(params)
-    total = [torch.zeros_like(p) for p in params]
-    norms, losses = [], []
-    for grads, norm, loss in clipped_sample_grads(model, batch_BS, params, max_grad_norm, masks):
-        for t, g in zip(total, grads):
-            t.add_(g)
-        norms.append(norm)
-        losses.append(loss)
+    B = batch_BS.shape[0]
+    units = torch.arange(B) if unit_of_window is None else torch.as_tensor(unit_of_window, dtype=torch.long).cpu()
+    num_units = int(units.max()) + 1 if B else 0
+    why_not = ghost.supported(model, params)
+    if clipping == "book_keeping" and why_not:
+        raise ValueError(f"privacy.clipping=book_keeping: {why_not}; use privacy.clipping=per_unit_backward")
+    method = "per_unit_backward" if clipping == "per_unit_backward" or why_not else "book_keeping"
+    if B and method == "book_keeping":
+        total, norms_t, losses_t = ghost.book_keeping_grads(model, batch_BS, units, num_units, params, max_grad_norm,
+                                                            masks)
+        present = [u for u in range(num_units) if bool((units == u).any())]
+        norms = [float(norms_t[u]) for u in present]
+        losses = [float(losses_t[units == u].mean()) for u in present]  # per unit, as the reference
+    else:
+        total = [torch.zeros_like(p) for p in params]
+        norms, losses = [], []
+        for grads, norm, loss in clipped_sample_grads(model, batch_BS, params, max_grad_norm, masks,
+                                                      unit_of_window=units.tolist()):
+            for t, g in zip(total, grads):
+                t.add_(g)
+            norms.append(norm)
+            losses.append(loss)
     std = noise_multiplier * max_grad_norm
     for t, m in zip(total, masks):
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.device, t.dtype) * std
         t.add_(noise * m if m is not None else noise).div_(expected_batch_size)
     stats = {"batch_size": float(len(norms)), "loss": float(np.mean(losses)) if losses else float("nan"),
              "grad_norm_median": float(np.median(norms)) if norms else 0.0,
-             "clipped_fraction": float(np.mean([n > max_grad_norm for n in norms])) if norms else 0.0}
+             "clipped_fraction": float(np.mean([n > max_grad_norm for n in norms])) if norms else 0.0,
+             "clipping": method}
     return total, stats
 
 
@@ -214,6 +254,7 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
           f"C={pc.max_grad_norm}, {steps} steps ({cfg.trainer.steps} asked)")
 
     t0 = time.perf_counter()
+    clipping_used = None
     for step in range(steps):
         lr = lr_at(step, steps, cfg.optim)
         for g in optimizer.param_groups:
@@ -221,7 +262,11 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
         idx = poisson_indices(num_windows, q, rng)
         batch = torch.from_numpy(windows.windows(idx)).to(device)
         grads, stats = private_gradient(model, batch, params, max_grad_norm=pc.max_grad_norm, noise_multiplier=sigma,
-                                        expected_batch_size=q * num_windows, generator=gen, masks=masks)
+                                        expected_batch_size=q * num_windows, generator=gen, masks=masks,
+                                        clipping=pc.clipping)
+        if step == 0:
+            clipping_used = stats["clipping"]
+            log.info(f"per-window clipping: {clipping_used}")
         for p, g in zip(params, grads):
             p.grad = g
         optimizer.step()
@@ -243,7 +288,8 @@ def train_private(cfg: Any, privacy: PrivacyConfig | None = None) -> dict[str, A
           "unit": f"window of {cfg.data.seq_len + 1} tokens", "num_windows": num_windows,
           "expected_batch_size": q * num_windows,
           "excludes": [f"{name} (computed from the owner's data without noise)" for name in owner_stats],
-          "noise_seed": "fixed (not private)" if pc.noise_seed is not None else "os.urandom"}
+          "noise_seed": "fixed (not private)" if pc.noise_seed is not None else "os.urandom",
+          "clipping": clipping_used}
     # The expected count, not the realised one: the realised batch sizes are data about the sampling
     # that the released numbers should not carry (metrics.jsonl, which stays with the owner, has them).
     tokens_seen = round(q * num_windows * steps * cfg.data.seq_len)
