@@ -120,3 +120,13 @@ def overtrain_expert(model: Transformer, docs: list[str], *, steps: int, seq_len
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model.eval()
+
+
+def train_private(cfg, privacy):
+    """A DP-SGD run of `cfg` (a RunConfig) with `privacy` (a PrivacyConfig): the ordinary trainer
+    with privacy.enabled=true."""
+    import dataclasses
+
+    from flexmoe.train.trainer import train
+
+    return train(dataclasses.replace(cfg, privacy=dataclasses.replace(privacy, enabled=True)))

@@ -5,7 +5,7 @@ reports for the same schedule (steps, noise multiplier, sampling rate, delta), f
 import sys
 
 import pytest
-from privhelpers import BYTE_TINY, make_byte_public, prepared_text, stdlib_text
+from privhelpers import BYTE_TINY, make_byte_public, prepared_text, stdlib_text, train_private
 
 from flexmoe.config.train import DataConfig, OptimConfig, RunConfig, StageConfig, TrainerConfig
 from flexmoe.data import TokenWindows
@@ -18,7 +18,6 @@ from flexmoe.train.privacy import (
     make_accountant,
     privacy_config_of,
     require_opacus,
-    train_private,
 )
 
 pytest.importorskip("opacus")

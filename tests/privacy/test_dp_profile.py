@@ -94,7 +94,8 @@ def test_noise_scale_matches_epsilon(tmp_path):
 def test_budget_travels_into_the_package_manifest(tmp_path):
     from flexmoe.flex.package import make_package, read_package
     from flexmoe.config.train import DataConfig, OptimConfig, RunConfig, StageConfig, TrainerConfig
-    from flexmoe.train.privacy import PrivacyConfig, train_private
+    from flexmoe.train.privacy import PrivacyConfig
+    from privhelpers import train_private
 
     pytest.importorskip("opacus")
     cfg = BYTE_TINY.replace(d_model=32, d_ff=64)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from privhelpers import BYTE_TINY, make_byte_public, prepared_text, stdlib_text
+from privhelpers import BYTE_TINY, make_byte_public, prepared_text, stdlib_text, train_private
 
 from flexmoe.config.train import DataConfig, OptimConfig, RunConfig, StageConfig, TrainerConfig
 from flexmoe.train.load import load_model
@@ -22,7 +22,6 @@ from flexmoe.train.privacy import (
     epsilon_after,
     private_gradient,
     sample_loss,
-    train_private,
     trainable_masks,
 )
 

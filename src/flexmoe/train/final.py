@@ -47,8 +47,10 @@ def final_meta(cfg, built: Built, tokens_seen: int, val_loss: dict[str, float], 
     return meta
 
 
-def write_final(cfg, built: Built, engine, tokens_seen: int, val_loss: dict[str, float]) -> dict[str, Any]:
-    """Write `out_dir/final` (a collective: every rank calls it); every rank returns what rank 0 wrote."""
+def write_final(cfg, built: Built, engine, tokens_seen: int, val_loss: dict[str, float],
+                extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `out_dir/final` (a collective: every rank calls it); every rank returns what rank 0 wrote.
+    `extra_meta` (e.g. a DP run's `dp` record) joins flexmoe.json's fields."""
     rank, world_size = world()
     if engine is not None:
         full = canonical_state_dict(ds.full_state_dict(engine))  # rank 0: the whole model; others: {}
@@ -66,7 +68,7 @@ def write_final(cfg, built: Built, engine, tokens_seen: int, val_loss: dict[str,
         written: dict[str, Any] = {}
 
         def make_meta(fp: str) -> dict[str, Any]:
-            written.update(final_meta(cfg, built, tokens_seen, val_loss, fp))
+            written.update(final_meta(cfg, built, tokens_seen, val_loss, fp), **(extra_meta or {}))
             return written
 
         final, _ = write_streamed_model_dir(Path(cfg.out_dir) / "final", built.mcfg, sources, make_meta)

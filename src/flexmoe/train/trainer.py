@@ -34,6 +34,7 @@ from flexmoe.train.optim import build_optimizer, lr_at
 from flexmoe.train.sources import build_train_source, data_format, open_windows  # noqa: F401  (re-exported)
 from flexmoe.io.log import get_logger
 from flexmoe.io.progress import format_seconds
+from flexmoe.io.writer import kill_point
 from flexmoe.train.hardware import resolve_dtype
 
 log = get_logger(__name__)
@@ -143,19 +144,15 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     Under torchrun (WORLD_SIZE > 1) every rank calls this: it joins the process group, lays the
     model out per `cfg.parallel` (FSDP2/TP/EP or DeepSpeed) and reads its slice of each global
     batch of `data.batch_size` x data-parallel size; rank 0 alone logs and writes `final/`.
-    With `privacy.enabled=true` it runs DP-SGD instead (flexmoe.train.privacy.train_private).
+    With `privacy.enabled=true` each step is a DP-SGD step (train/private_step.py) in the same
+    loop: checkpoints, resume, preemption, metrics and final/ as for any run, plus a `dp` record.
     """
     cfg = as_run_config(cfg)  # a Hydra node from a caller becomes the typed config here, once
     cfg = resolve_dtype(cfg, local_device())  # trainer.dtype=auto: by this machine's bf16 speed
     if cfg.privacy.enabled:
-        # DP-SGD needs per-window gradients and its own sampler and accountant: a separate loop.
-        from flexmoe.train.privacy import train_private
+        from flexmoe.train.private_step import check_private_run
 
-        if cfg.dry_run:
-            raise ValueError("privacy.enabled=true has no dry run; drop --dry-run")
-        check_run_inputs(cfg)  # before anything is written: a refused run leaves nothing behind
-        check_not_finished(cfg)
-        return train_private(cfg)
+        check_private_run(cfg)  # before anything is built or written
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
     resolve_dims(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))  # bad layouts fail before anything loads
@@ -197,8 +194,15 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         engine = ds.initialize(model, optimizer, ds.deepspeed_config(cfg, world_size))
         optimizer = engine.optimizer
     dp_rank, dp_size = (meshes.dp_rank, meshes.dp_size) if meshes is not None else (rank, world_size)
-    source = build_train_source(cfg)
-    loader = BatchLoader(source, cfg.data.batch_size, seed=cfg.trainer.seed, rank=dp_rank, world_size=dp_size)
+    private, loader = None, None
+    if cfg.privacy.enabled:  # DP-SGD: its own Poisson sampler over the owner's windows
+        from flexmoe.train.private_step import PrivateStep
+
+        private = PrivateStep(cfg, model, built.meta, device)
+    else:
+        loader = BatchLoader(build_train_source(cfg), cfg.data.batch_size, seed=cfg.trainer.seed, rank=dp_rank,
+                             world_size=dp_size)
+    steps = private.steps if private is not None else cfg.trainer.steps  # DP may stop at its target epsilon
     val = {d: open_windows(cfg, "val", d, p) for d, p in cfg.data.val.items()}
     logger = MetricLogger(out, enabled=rank == 0, wandb_cfg=cfg.wandb, run_config=dataclasses.asdict(cfg))
     if rank == 0:
@@ -214,8 +218,11 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     if cfg.trainer.resume and done:
         state = ckpt.load_checkpoint(done[-1], model, optimizer, engine=engine, frozen_from=built.source,
                                      config=dataclasses.asdict(cfg))
-        loader.load_state_dict(state["loader"])
         start, tokens_seen = state["step"], state["tokens_seen"]
+        if private is not None:
+            private.load_state_dict(state["private"], start)
+        else:
+            loader.load_state_dict(state["loader"])
         if rank == 0:
             log.info(f"resumed from {done[-1]} at step {start}")
 
@@ -224,102 +231,129 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
                 else contextlib.nullcontext())
     peak = device_peak_flops(device, torch.bfloat16 if cfg.trainer.dtype == "bf16" else torch.float32)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum * dp_size
+    tokens_per_step = (private.tokens_per_step if private is not None
+                       else cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum * dp_size)
     forward = engine if engine is not None else model
     t_last, steps_since, losses = time.perf_counter(), 0, []
     t_start = t_last
     history: list[dict[str, Any]] = []
     preemption = Preemption(out, cfg.trainer.preempt_signal, cfg.trainer.requeue)
-    for step in range(start, cfg.trainer.steps):
-        lr = lr_at(step, cfg.trainer.steps, cfg.optim)
+
+    def trainer_state() -> dict[str, Any]:  # what a checkpoint carries besides the tensors
+        sampler = {"private": private.state_dict()} if private is not None else {"loader": loader.state_dict()}
+        return {"tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg), "frozen_from": built.source, **sampler}
+
+    for step in range(start, steps):
+        lr = lr_at(step, steps, cfg.optim)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        step_loss = 0.0
-        ga = cfg.trainer.grad_accum
-        micro = [next(loader) for _ in range(ga)]
-        # Each micro-batch's share of the step's loss. SFT micro-batches hold different numbers of
-        # trained targets, so each is weighed by its count over the global batch's: accumulation
-        # and data parallelism then give the loss of one big batch. The mean over all ranks counts
-        # each data-parallel group's data once per replica (tp, cp), hence the * dp_size.
-        weights = [1.0 / ga] * ga
-        if sft:
-            counts = [float(b["loss_mask"].sum()) for b in micro]
-            global_count = max(_mean_over_ranks(sum(counts), world_size, device) * dp_size, 1.0)
-            weights = [c * dp_size / global_count for c in counts]
-        for mb, w in zip(micro, weights):
-            if sft:
-                b = {k: v.to(device) for k, v in mb.items()}
-                inputs, targets, mask, docs = b["tokens"][:, :-1], b["tokens"][:, 1:], b["loss_mask"], b["doc_ids"]
-            else:
-                batch = mb.to(device)
-                inputs, targets, mask, docs = batch[:, :-1], batch[:, 1:], None, None
-            with autocast:
-                loss, total = training_loss(forward, inputs, targets, mask, docs)
-            if sft:  # backward divides by ga below (DeepSpeed's engine does it itself)
-                total = loss * (w * ga) + (total - loss)
-            if engine is not None:
-                engine.backward(total)  # scales by 1/grad_accum itself
-                engine.step()  # steps the optimizer only at the accumulation boundary
-            else:
-                (total / ga).backward()
-            step_loss += loss.item() * w if sft else loss.item() / ga
-        step_loss = _mean_over_ranks(step_loss, world_size, device)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr or check the data")
-        if engine is not None:
-            gnorm = engine.get_global_grad_norm()
-        else:
-            if world_size > 1:
-                mask_frozen_rows(model)
-            gnorm = clip_grad_norm_(trainable, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+        dp_stats: dict[str, float] = {}
+        if private is not None:  # clipped, noised gradients in .grad; no other clipping
+            dp_stats = private.step()
+            step_loss = dp_stats.pop("loss")
+            if not math.isfinite(step_loss) and dp_stats["batch_size"] > 0:
+                raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr or check the data")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        else:
+            step_loss, gnorm = _ordinary_step(step, cfg, forward, loader, model, optimizer, engine, trainable, autocast,
+                                              sft, world_size, dp_size, device)
         tokens_seen += tokens_per_step
         losses.append(step_loss)
         steps_since += 1
         s = step + 1
-        if s % cfg.trainer.log_every == 0 or s == cfg.trainer.steps:
+        kill_point(f"train-step-{s}")  # test hook (FLEXMOE_TEST_KILL_AT): SIGKILL after this step
+        if s % cfg.trainer.log_every == 0 or s == steps:
             dt = time.perf_counter() - t_last
             tps = steps_since * tokens_per_step / dt
             per_device = tps / world_size
             mfu = per_device * info["flops_per_token"] / peak
             rec = {"step": s, "loss": sum(losses) / len(losses), "lr": lr, "tokens_per_s": tps,
                    "tokens_per_s_per_device": per_device, "mfu": mfu, "peak_mem_gib": peak_memory_gib(device),
-                   "grad_norm": float(gnorm) if gnorm is not None else None, "tokens_seen": tokens_seen}
+                   "grad_norm": float(gnorm) if private is None and gnorm is not None else None,
+                   "tokens_seen": tokens_seen, **dp_stats}
             # ETA from this run's own steps so far (a resumed run does not count the steps it skipped)
             elapsed = time.perf_counter() - t_start
-            rec["eta_s"] = elapsed / (s - start) * (cfg.trainer.steps - s)
-            logger.log(rec, f"step {s:>6}/{cfg.trainer.steps}  loss {rec['loss']:.4f}  lr {lr:.2e}  "
+            rec["eta_s"] = elapsed / (s - start) * (steps - s)
+            dp_text = (f"  eps {dp_stats['epsilon']:.3f} (delta {dp_stats['delta']:g})  batch "
+                       f"{int(dp_stats['batch_size'])}  clipped {dp_stats['clipped_fraction']:.0%}" if dp_stats else "")
+            logger.log(rec, f"step {s:>6}/{steps}  loss {rec['loss']:.4f}  lr {lr:.2e}  "
                             f"tok/s/dev {per_device:,.0f}  mfu {mfu:.1%}  mem {rec['peak_mem_gib']:.2f}GiB  "
-                            f"elapsed {format_seconds(elapsed)}  eta {format_seconds(rec['eta_s'])}")
+                            f"elapsed {format_seconds(elapsed)}  eta {format_seconds(rec['eta_s'])}{dp_text}")
             t_last, steps_since, losses = time.perf_counter(), 0, []
         module = engine.module if engine is not None else model
-        if cfg.trainer.eval_every and s % cfg.trainer.eval_every == 0 and s < cfg.trainer.steps and val:
+        if cfg.trainer.eval_every and s % cfg.trainer.eval_every == 0 and s < steps and val:
             history.append(_validate(module, val, cfg, s, logger))
-        stopping = cfg.trainer.stop_after > 0 and s - start >= cfg.trainer.stop_after and s < cfg.trainer.steps
-        preempted = s < cfg.trainer.steps and preemption.requested()
+        stopping = cfg.trainer.stop_after > 0 and s - start >= cfg.trainer.stop_after and s < steps
+        preempted = s < steps and preemption.requested()
         stopping = stopping or preempted
-        if (cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < cfg.trainer.steps) or stopping:
-            ckpt.save_checkpoint(ckpt_root, s, model, optimizer,
-                                 {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
-                                  "frozen_from": built.source},
-                                 keep_last=cfg.trainer.keep_last, engine=engine,
-                                 keep_frozen=cfg.trainer.checkpoint_frozen)
+        if (cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < steps) or stopping:
+            ckpt.save_checkpoint(ckpt_root, s, model, optimizer, trainer_state(), keep_last=cfg.trainer.keep_last,
+                                 engine=engine, keep_frozen=cfg.trainer.checkpoint_frozen)
         if stopping:
             status = preemption.finish() if preempted else "stopped"
             logger.close()
             return {"stopped_at": s, "status": status, "checkpoint": str(ckpt.complete_checkpoints(ckpt_root)[-1])}
     module = engine.module if engine is not None else model
-    final_val = _validate(module, val, cfg, cfg.trainer.steps, logger) if val else {}
-    ckpt.save_checkpoint(ckpt_root, cfg.trainer.steps, model, optimizer,
-                         {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
-                          "frozen_from": built.source},
-                         keep_last=cfg.trainer.keep_last, engine=engine,
-                         keep_frozen=cfg.trainer.checkpoint_frozen)
+    final_val = _validate(module, val, cfg, steps, logger) if val else {}
+    ckpt.save_checkpoint(ckpt_root, steps, model, optimizer, trainer_state(), keep_last=cfg.trainer.keep_last,
+                         engine=engine, keep_frozen=cfg.trainer.checkpoint_frozen)
+    extra = None
+    if private is not None:
+        extra = {"dp": private.record(steps)}
+        logger.log({"step": steps, **extra}, f"DP-SGD done: epsilon {extra['dp']['epsilon']:.3f} at delta "
+                                             f"{extra['dp']['delta']:g} after {steps} steps")
     # one tensor at a time, never the whole model on one rank; every rank returns what rank 0 wrote
-    result = write_final(cfg, built, engine, tokens_seen, final_val)
+    result = write_final(cfg, built, engine, tokens_seen, final_val, extra_meta=extra)
     logger.close()
     return result
+
+
+def _ordinary_step(step: int, cfg, forward, loader, model, optimizer, engine, trainable, autocast, sft: bool,
+                   world_size: int, dp_size: int, device) -> tuple[float, Any]:
+    """One optimizer step over trainer.grad_accum micro-batches; returns (the step's loss, grad norm).
+    A non-finite loss raises FloatingPointError."""
+    step_loss = 0.0
+    ga = cfg.trainer.grad_accum
+    micro = [next(loader) for _ in range(ga)]
+    # Each micro-batch's share of the step's loss. SFT micro-batches hold different numbers of
+    # trained targets, so each is weighed by its count over the global batch's: accumulation
+    # and data parallelism then give the loss of one big batch. The mean over all ranks counts
+    # each data-parallel group's data once per replica (tp, cp), hence the * dp_size.
+    weights = [1.0 / ga] * ga
+    if sft:
+        counts = [float(b["loss_mask"].sum()) for b in micro]
+        global_count = max(_mean_over_ranks(sum(counts), world_size, device) * dp_size, 1.0)
+        weights = [c * dp_size / global_count for c in counts]
+    for mb, w in zip(micro, weights):
+        if sft:
+            b = {k: v.to(device) for k, v in mb.items()}
+            inputs, targets, mask, docs = b["tokens"][:, :-1], b["tokens"][:, 1:], b["loss_mask"], b["doc_ids"]
+        else:
+            batch = mb.to(device)
+            inputs, targets, mask, docs = batch[:, :-1], batch[:, 1:], None, None
+        with autocast:
+            loss, total = training_loss(forward, inputs, targets, mask, docs)
+        if sft:  # backward divides by ga below (DeepSpeed's engine does it itself)
+            total = loss * (w * ga) + (total - loss)
+        if engine is not None:
+            engine.backward(total)  # scales by 1/grad_accum itself
+            engine.step()  # steps the optimizer only at the accumulation boundary
+        else:
+            (total / ga).backward()
+        step_loss += loss.item() * w if sft else loss.item() / ga
+    step_loss = _mean_over_ranks(step_loss, world_size, device)
+    if not math.isfinite(step_loss):
+        raise FloatingPointError(f"loss became {step_loss} at step {step}; lower optim.lr or check the data")
+    if engine is not None:
+        gnorm = engine.get_global_grad_norm()
+    else:
+        if world_size > 1:
+            mask_frozen_rows(model)
+        gnorm = clip_grad_norm_(trainable, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step_loss, gnorm
 
 
 def _mean_over_ranks(value: float, world_size: int, device: torch.device) -> float:
