@@ -128,6 +128,10 @@ class PrivacyConfig:
     # train/ghost.py), per_unit_backward (one backward per window: the reference), auto
     # (book-keeping where the model qualifies: only experts and routers train, no auxiliary loss).
     clipping: str = "auto"
+    # What one guarantee protects: one training window, or one document (the stretch of the data
+    # ending in eos), cut into windows of its own and truncated after max_unit_windows of them.
+    unit: str = "window"
+    max_unit_windows: int = 8
 
     def validate(self) -> None:
         """Refuse settings that give no guarantee or no training, naming the setting."""
@@ -140,6 +144,8 @@ class PrivacyConfig:
              "privacy.noise_multiplier=0 gives no privacy; set it > 0, or set privacy.target_epsilon to calibrate it"),
             (self.target_epsilon >= 0, f"privacy.target_epsilon={self.target_epsilon} must be >= 0 (0: no target)"),
             (0 <= self.sampling_rate <= 1, f"privacy.sampling_rate={self.sampling_rate} must be in [0, 1]"),
+            (self.unit in ("window", "document"), f"privacy.unit={self.unit!r} is not window|document"),
+            (self.max_unit_windows >= 1, f"privacy.max_unit_windows={self.max_unit_windows} must be >= 1"),
             (self.clipping in ("auto", "book_keeping", "per_unit_backward"),
              f"privacy.clipping={self.clipping!r} is not auto|book_keeping|per_unit_backward"),
         ]

@@ -59,6 +59,7 @@ TOKENS_MANIFEST = Record({
     "num_tokens": _f(int, rule=_nonneg),
     "num_documents": _f(int, required=False, rule=_nonneg),
     "append_eos": _f(bool, required=False),
+    "eos_id": _f(int, None, required=False, rule=lambda v: None if v is None else _nonneg(v)),
     "shards": _f(list, items=SHARD, rule=lambda v: None if v else "is empty: a prepared directory has shards"),
     "sources": _f(list, required=False),
 }, open=True)

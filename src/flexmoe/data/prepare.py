@@ -201,6 +201,7 @@ def prepare_data(
             "num_tokens": num_tokens,
             "num_documents": num_documents,
             "append_eos": append_eos,
+            **({"eos_id": int(eos_id)} if append_eos else {}),  # where each document ends (privacy.unit=document)
             "shards": writer.close(),
             "sources": sources,
         }

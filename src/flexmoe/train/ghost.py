@@ -131,11 +131,12 @@ def _swiglu_parts(x_nD, gate, up, down, dy_nD):
 
 def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tensor, num_units: int,
                        params: Sequence[torch.nn.Parameter], max_grad_norm: float,
-                       masks: Sequence[torch.Tensor | None], expert_mask: torch.Tensor | None = None
-                       ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+                       masks: Sequence[torch.Tensor | None], expert_mask: torch.Tensor | None = None,
+                       loss_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(sum over units of each unit's gradient scaled to norm <= max_grad_norm, per-unit norms before
     clipping [U] (float64), per-window losses [B]), for `params` in their order. Frozen coordinates
-    (masks) are zero and do not count in the norms."""
+    (masks) are zero and do not count in the norms. `loss_mask` `[B, S]`: the targets that train
+    (a window's loss is then their sum over S, as privacy.sample_loss computes it)."""
     B, S1 = batch_BS.shape
     S = S1 - 1
     cap = _Capture(model)
@@ -146,7 +147,8 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
     logits = out.logits.float()
     loss_BS = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch_BS[:, 1:].reshape(-1),
                               reduction="none").view(B, S)
-    loss_B = loss_BS.mean(1)  # each window's mean loss, as the reference's per-window loss
+    # each window's loss as the reference's sample_loss computes it
+    loss_B = loss_BS.mean(1) if loss_mask is None else (loss_BS * loss_mask.to(loss_BS.dtype)).sum(1) / S
     wanted = [t for rec in cap.layers for t in (rec.y_ND, rec.logits_TE)]
     grads = torch.autograd.grad(loss_B.sum(), wanted, allow_unused=True)
     unit_of_window = unit_of_window.to(batch_BS.device)

@@ -59,19 +59,27 @@ def trainable_masks(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor |
     return masks
 
 
-def sample_loss(model, window_1S: torch.Tensor, expert_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token loss of one window `[1, S+1]` (plus the model's auxiliary loss, if any)."""
+def sample_loss(model, window_1S: torch.Tensor, expert_mask: torch.Tensor | None = None,
+                mask_1S: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token loss of one window `[1, S+1]` (plus the model's auxiliary loss, if any): the mean
+    over its targets, or with `mask_1S` (a padded document window) the sum over the kept targets
+    divided by S, so every trained token weighs 1/S whatever its window's length."""
     out = model(window_1S[:, :-1], expert_mask)
     logits = out.logits.float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window_1S[:, 1:].reshape(-1))
+    targets = window_1S[:, 1:].reshape(-1)
+    if mask_1S is None:
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
+    else:
+        per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
+        loss = (per * mask_1S.reshape(-1).to(per.dtype)).sum() / mask_1S.shape[-1]
     return loss + out.aux_loss if out.aux_loss is not None else loss
 
 
 def clipped_sample_grads(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Parameter], max_grad_norm: float,
                          masks: Sequence[torch.Tensor | None] | None = None,
                          expert_mask: torch.Tensor | None = None,
-                         unit_of_window: Sequence[int] | torch.Tensor | None = None
-                         ) -> Iterator[tuple[list[torch.Tensor], float, float]]:
+                         unit_of_window: Sequence[int] | torch.Tensor | None = None,
+                         loss_mask: torch.Tensor | None = None) -> Iterator[tuple[list[torch.Tensor], float, float]]:
     """The reference: per privacy unit of the batch (each window, or the windows `unit_of_window`
     gives one id), one backward per window, summed over the unit's windows: (that gradient scaled
     to norm <= max_grad_norm, its norm before clipping, the mean loss of its windows). Frozen
@@ -83,7 +91,8 @@ def clipped_sample_grads(model, batch_BS: torch.Tensor, params: Sequence[torch.n
         out = [torch.zeros_like(p) for p in params]
         losses = []
         for b in (b for b in range(B) if ids[b] == unit):
-            loss = sample_loss(model, batch_BS[b:b + 1], expert_mask)
+            loss = sample_loss(model, batch_BS[b:b + 1], expert_mask,
+                               loss_mask[b:b + 1] if loss_mask is not None else None)
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
             for o, g, m in zip(out, grads, masks):
                 if g is not None:
@@ -100,13 +109,14 @@ CLIPPING = ("auto", "book_keeping", "per_unit_backward")
 def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Parameter], *, max_grad_norm: float,
                      noise_multiplier: float, expected_batch_size: float, generator: torch.Generator,
                      masks: Sequence[torch.Tensor | None] | None = None,
-                     unit_of_window: torch.Tensor | None = None,
+                     unit_of_window: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                      clipping: str = "auto") -> tuple[list[torch.Tensor], dict[str, float]]:
     """(sum of clipped per-unit gradients + N(0, (sigma C)^2) on trainable coordinates) divided
     by the expected batch size (in units): Poisson batches vary in size, and dividing by the
     realised size would leak it.
 
-    `unit_of_window` `[B]`: each window's privacy unit, ids 0..U-1 (None: every window its own).
+    `unit_of_window` `[B]`: each window's privacy unit, ids 0..U-1 (None: every window its own);
+    `loss_mask` `[B, S]`: targets that train (padded document windows; see `sample_loss`).
     `clipping`: `book_keeping` (train/ghost.py: one forward and one backward for the batch),
     `per_unit_backward` (the reference: one backward per window), or `auto` (book-keeping where
     the model qualifies, `ghost.supported`)."""
@@ -124,7 +134,7 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
     method = "per_unit_backward" if clipping == "per_unit_backward" or why_not else "book_keeping"
     if B and method == "book_keeping":
         total, norms_t, losses_t = ghost.book_keeping_grads(model, batch_BS, units, num_units, params, max_grad_norm,
-                                                            masks)
+                                                            masks, loss_mask=loss_mask)
         present = [u for u in range(num_units) if bool((units == u).any())]
         norms = [float(norms_t[u]) for u in present]
         losses = [float(losses_t[units == u].mean()) for u in present]  # per unit, as the reference
@@ -132,7 +142,7 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
         total = [torch.zeros_like(p) for p in params]
         norms, losses = [], []
         for grads, norm, loss in clipped_sample_grads(model, batch_BS, params, max_grad_norm, masks,
-                                                      unit_of_window=units.tolist()):
+                                                      unit_of_window=units.tolist(), loss_mask=loss_mask):
             for t, g in zip(total, grads):
                 t.add_(g)
             norms.append(norm)

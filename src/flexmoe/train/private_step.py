@@ -8,8 +8,10 @@ the trainable parameters' `.grad`, and accounts for the step. Its state (the sam
 noise generator's, the steps accounted) rides in every checkpoint, so a resumed run draws the
 same batches and the same noise as one that never stopped, and reports the same epsilon.
 
-The privacy unit is one training window (`data.seq_len + 1` tokens): a document spanning k
-windows is protected with group privacy (roughly k times epsilon), not epsilon.
+The privacy unit (`privacy.unit`, data/units.py) is one training window (`data.seq_len + 1`
+tokens; a document spanning k windows is then protected with group privacy, roughly k times
+epsilon) or one document: each document is cut into windows of its own, its windows' gradients
+are summed before clipping, and documents, not windows, are Poisson-sampled.
 """
 
 from __future__ import annotations
@@ -65,18 +67,25 @@ class PrivateStep:
     trainer.steps when privacy.target_epsilon is reached first."""
 
     def __init__(self, cfg, model, base_meta: dict[str, Any], device: torch.device):
-        from flexmoe.data import TokenWindows
+        from flexmoe.data.units import open_units
         from flexmoe.train.freeze import PLANS
 
         self.cfg, self.model, self.device = cfg, model, device
         pc = self.pc = privacy_config_of(cfg)
         (self.domain, path), = cfg.data.train.items()
-        self.windows = TokenWindows(path, cfg.data.seq_len, verify=cfg.data.verify)
-        n = self.num_windows = len(self.windows)
+        self.units = open_units(pc.unit, path, cfg.data.seq_len, verify=cfg.data.verify,
+                                max_windows=pc.max_unit_windows, pad_id=getattr(model.cfg, "pad_token_id", None),
+                                eos_id=getattr(model.cfg, "eos_token_id", None))
+        n = self.num_units = len(self.units)
+        # data.batch_size counts units: windows, or documents under privacy.unit=document
         self.q = pc.sampling_rate or min(1.0, cfg.data.batch_size / n)
         if pc.delta >= 1 / n:
             raise ValueError(f"privacy.delta={pc.delta:g} must be below 1/{n} (one over the number of "
-                             "training windows); lower it")
+                             f"training {pc.unit}s); lower it")
+        if self.units.tokens_dropped:
+            log.warning(f"privacy.unit=document: {self.units.tokens_dropped:,} of "
+                        f"{self.units.tokens_dropped + self.units.tokens_kept:,} tokens lie past "
+                        f"privacy.max_unit_windows={pc.max_unit_windows} windows of their document and are not trained on")
         self.sigma = pc.noise_multiplier or calibrate_noise(pc.target_epsilon, pc.delta, self.q, cfg.trainer.steps,
                                                             pc.accountant)
         self.steps = cfg.trainer.steps
@@ -98,22 +107,25 @@ class PrivateStep:
         self.gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 2]).integers(2**62)))
         self.accountant = make_accountant(pc.accountant)
         self.clipping: str | None = None
-        log.info(f"DP-SGD on {self.domain}: {n} windows, q={self.q:.4g}, sigma={self.sigma:.4g}, "
+        log.info(f"DP-SGD on {self.domain}: {n} {pc.unit}s, q={self.q:.4g}, sigma={self.sigma:.4g}, "
                  f"C={pc.max_grad_norm}, {self.steps} steps ({cfg.trainer.steps} asked)")
 
     @property
     def tokens_per_step(self) -> int:
         """The expected count, not the realised one: realised batch sizes describe the sampling,
         which released numbers should not carry (metrics.jsonl, which stays with the owner, has them)."""
-        return round(self.q * self.num_windows * self.cfg.data.seq_len)
+        return round(self.q * self.units.tokens_kept)
 
     def step(self) -> dict[str, float]:
         """Sample, clip, noise; leaves the gradient in each trainable parameter's `.grad`."""
-        idx = poisson_indices(self.num_windows, self.q, self.rng)
-        batch = torch.from_numpy(self.windows.windows(idx)).to(self.device)
+        idx = poisson_indices(self.num_units, self.q, self.rng)
+        tokens, mask, unit = self.units.batch(idx)
+        batch = torch.from_numpy(tokens).to(self.device)
         grads, stats = private_gradient(self.model, batch, self.params, max_grad_norm=self.pc.max_grad_norm,
-                                        noise_multiplier=self.sigma, expected_batch_size=self.q * self.num_windows,
-                                        generator=self.gen, masks=self.masks, clipping=self.pc.clipping)
+                                        noise_multiplier=self.sigma, expected_batch_size=self.q * self.num_units,
+                                        generator=self.gen, masks=self.masks, clipping=self.pc.clipping,
+                                        unit_of_window=torch.from_numpy(unit),
+                                        loss_mask=torch.from_numpy(mask).to(self.device) if mask is not None else None)
         for p, g in zip(self.params, grads):
             p.grad = g
         if self.clipping is None:
@@ -147,8 +159,8 @@ class PrivateStep:
         return {"epsilon": self.accountant.epsilon(pc.delta), "delta": pc.delta, "noise_multiplier": self.sigma,
                 "max_grad_norm": pc.max_grad_norm, "sampling_rate": self.q, "sampling": "poisson",
                 "steps": steps_done, "steps_asked": cfg.trainer.steps, "target_epsilon": pc.target_epsilon or None,
-                "accountant": self.accountant.name, "unit": f"window of {cfg.data.seq_len + 1} tokens",
-                "num_windows": self.num_windows, "expected_batch_size": self.q * self.num_windows,
+                "accountant": self.accountant.name, "unit": self.units.describe(), "num_units": self.num_units,
+                "expected_batch_size": self.q * self.num_units, "tokens_not_trained": self.units.tokens_dropped,
                 "excludes": [f"{name} (computed from the owner's data without noise)" for name in self.owner_stats],
                 "noise_seed": "fixed (not private)" if pc.noise_seed is not None else "os.urandom",
                 "clipping": self.clipping}
