@@ -134,7 +134,7 @@ def _run_config(root, anchor, data, steps, out):
                                                                                        eval_batches=1))
 
 
-def test_dp_training_reports_opacus_epsilon_and_packages_it(owner):
+def test_dp_training_reports_opacus_epsilon_and_packages_it(owner, capfd):
     pytest.importorskip("opacus")
     root, public, anchor, data = owner
     num_windows = len(TokenWindows(data, 48))
@@ -167,6 +167,15 @@ def test_dp_training_reports_opacus_epsilon_and_packages_it(owner):
     for key in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sampling_rate", "steps"):
         assert manifest["dp"][key] == dp[key], key
     assert manifest["consent"] == {"allowed_uses": ["research"], "expires": None}
+
+    # merge prints every expert's privacy record
+    from flexmoe.flex.merge import merge
+
+    capfd.readouterr()
+    merge(public, [pkg], root / "merged-dp", routing="topk")
+    err = capfd.readouterr().err
+    line = next(x for x in err.splitlines() if "privacy: slot 1 acme/code" in x)
+    assert f"DP-SGD epsilon {dp['epsilon']:.3g} at delta 0.0001" in line and "rdp accountant" in line, err
 
 
 @pytest.mark.parametrize("change,match", [

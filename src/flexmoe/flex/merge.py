@@ -213,7 +213,29 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
     for note in notes:
         log.info(note)
     log.info(f"merged {len(loaded)} packages into {out_dir} ({num_experts} experts, top_k={k})")
+    for e in experts[1:]:
+        log.info(privacy_line(e))
     return Path(out_dir)
+
+
+def privacy_line(expert: dict[str, Any]) -> str:
+    """One line on what protects an expert's owner: its DP-SGD record, a DP n-gram profile's budget
+    and their total, or that it carries no guarantee."""
+    who = f"slot {expert['slot']} {expert['owner']}/{expert['domain']}"
+    dp, prof = expert.get("dp"), expert.get("profile_dp")
+    parts = []
+    if dp:
+        parts.append(f"DP-SGD epsilon {dp['epsilon']:.3g} at delta {dp['delta']:g} (unit {dp.get('unit', 'window')}, "
+                     f"{dp.get('accountant', '?')} accountant, sigma {dp['noise_multiplier']:.3g}, q "
+                     f"{dp['sampling_rate']:.3g}, {dp['steps']} steps)")
+    if prof:
+        parts.append(f"n-gram profile epsilon {prof['epsilon']:.3g} ({prof['mechanism']}, unit {prof['unit']})")
+    total = expert.get("privacy_total")
+    if prof and total:
+        parts.append(f"total epsilon {total['epsilon']:.3g} at delta {total['delta']:g} ({total['composition']})")
+    if not parts:
+        return f"privacy: {who}: no differential-privacy guarantee (trained without DP-SGD, no DP profile)"
+    return f"privacy: {who}: " + "; ".join(parts)
 
 
 def _nbytes(t) -> int:
