@@ -49,3 +49,25 @@ def test_quickstart_small(tmp_path):
         assert abs(sum(row.values()) - 1.0) < 1e-6, (d, row)
     assert report["attribution"]["math"]["owner-math"] > 0.2
     assert "## Attribution" in md and "## Routing quality" in md
+
+
+def test_quickstart_with_a_dp_owner(tmp_path):
+    """dp_owners=math: that owner trains under DP-SGD (document units) with a DP n-gram profile,
+    the merge takes its DP package, and the report states its epsilon and what DP cost it against
+    the same owner trained without DP (expert, merged model, routing)."""
+    cfg = QuickstartConfig.from_overrides([
+        f"out_dir={tmp_path}", "public_steps=20", "expert_steps=8", "max_bytes_per_domain=100000",
+        "eval_windows=4", "seq_len=128", "batch_size=8", "domains=code,math", "dp_owners=math",
+        "dp_epsilon=6", "dp_profile_epsilon=2"])
+    run_quickstart(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    dp = report["privacy"]["math"]
+    assert dp["dp"]["epsilon"] <= 6.0 and dp["dp"]["unit"].startswith("document") and dp["dp"]["steps"] == 8
+    assert dp["profile_dp"]["epsilon"] == 2.0 and dp["privacy_total"]["epsilon"] == dp["dp"]["epsilon"] + 2.0
+    for key in ("expert_ppl", "merged_ppl", "routed_to_own_expert"):
+        assert all(math.isfinite(v) for v in dp[key].values()), key
+    # the DP package is what was merged, and the report's expert row is the DP expert
+    merged = json.loads((tmp_path / "merged" / "flexmoe.json").read_text())
+    assert next(e for e in merged["experts"] if e["domain"] == "math")["dp"]["epsilon"] == dp["dp"]["epsilon"]
+    assert report["perplexity"]["expert/math"]["math"] == dp["expert_ppl"]["dp"] != dp["expert_ppl"]["no_dp"]
+    assert "## Differential privacy" in (tmp_path / "report.md").read_text()

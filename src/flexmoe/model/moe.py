@@ -29,6 +29,25 @@ class Routing:
     top_w_TK: torch.Tensor
 
 
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None,
+                  cosine_temp: float = 0.0) -> torch.Tensor:
+    """The router's fp32 logits for tokens `x_TD` from given weights (DP clipping recomputes them
+    from gathered copies of sharded ones)."""
+    if cosine_temp > 0:
+        # Cosine routing: only the direction of a row counts, so no owner wins tokens by a
+        # larger row norm; the temperature sets how sharp the choice is.
+        logits_TE = F.linear(F.normalize(x_TD.float(), dim=-1), F.normalize(weight_ED.float(), dim=-1))
+        logits_TE = logits_TE / cosine_temp
+    else:
+        logits_TE = F.linear(x_TD.float(), weight_ED.float())
+    if bias_E is not None:
+        # FlexOlmo: biases only ever push an expert down, and the anchor (expert 0) keeps 0.
+        b = bias_E.float().clamp(max=0.0)
+        b = torch.cat([b.new_zeros(1), b[1:]])
+        logits_TE = logits_TE + b
+    return logits_TE
+
+
 class Router(nn.Module):
     """Token-choice top-k router in fp32 with an optional non-positive per-expert bias."""
 
@@ -41,19 +60,7 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.cosine_temp > 0:
-            # Cosine routing: only the direction of a row counts, so no owner wins tokens by a
-            # larger row norm; the temperature sets how sharp the choice is.
-            logits_TE = F.linear(F.normalize(x_TD.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
-            logits_TE = logits_TE / self.cosine_temp
-        else:
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
-        if self.bias is not None:
-            # FlexOlmo: biases only ever push an expert down, and the anchor (expert 0) keeps 0.
-            b = self.bias.float().clamp(max=0.0)
-            b = torch.cat([b.new_zeros(1), b[1:]])
-            logits_TE = logits_TE + b
-        return logits_TE
+        return router_logits(x_TD, self.weight, self.bias, self.cosine_temp)
 
     def forward(self, x_TD: torch.Tensor, expert_mask: torch.Tensor | None = None,
                 choice_T: torch.Tensor | None = None):

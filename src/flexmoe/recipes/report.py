@@ -67,6 +67,55 @@ def evaluate_lifecycle(public_dir: Path, merged_dir: Path, expert_dirs: dict[str
     }
 
 
+def privacy_section(out: Path, public_dir: Path, dp_owners: list[str], val_dirs: dict[str, Path], seq_len: int,
+                    num_windows: int, results: dict[str, Any]) -> dict[str, Any]:
+    """Per DP owner: its guarantee (from its package), and what DP cost it on its own domain, DP
+    against the same owner trained without DP: the expert alone, the merged model (merged against
+    merged-no-dp, which merges the non-DP packages), and the share of its domain's tokens routed
+    to its expert."""
+    from flexmoe.data import TokenWindows
+
+    section: dict[str, Any] = {}
+    nodp, _, nodp_meta = load_model(out / "merged-no-dp")
+    merged, _, meta = load_model(out / "merged")
+    for d in dp_owners:
+        manifest = json.loads((out / "owners" / f"{d}-dp" / "package" / "manifest.json").read_text())
+        w = TokenWindows(val_dirs[d], seq_len)
+        expert_nodp, _, _ = load_model(out / "owners" / d / "train" / "final")
+        slot = next(e["slot"] for e in meta["experts"] if e["domain"] == d)
+        slot_nodp = next(e["slot"] for e in nodp_meta["experts"] if e["domain"] == d)
+        n = min(num_windows, 16)
+        section[d] = {
+            "dp": manifest.get("dp"), "profile_dp": manifest.get("profile_dp"),
+            "privacy_total": manifest.get("privacy_total"),
+            "expert_ppl": {"dp": results["perplexity"][f"expert/{d}"][d],
+                           "no_dp": perplexity(model_logprobs(expert_nodp.eval()), w, num_windows)},
+            "merged_ppl": {"dp": results["perplexity"]["merged"][d],
+                           "no_dp": perplexity(model_logprobs(nodp.eval()), w, num_windows)},
+            "routed_to_own_expert": {"dp": float(routing_shares(merged.eval(), w, num_windows=n)[slot]),
+                                     "no_dp": float(routing_shares(nodp, w, num_windows=n)[slot_nodp])},
+        }
+    return section
+
+
+def privacy_lines(section: dict[str, Any]) -> list[str]:
+    """report.md's differential-privacy section."""
+    lines = ["", "## Differential privacy", "",
+             "Owners trained under DP-SGD (document units) with a DP n-gram profile, each against the same owner "
+             "trained without DP; `merged` takes the DP package, `merged-no-dp` the non-DP one. Perplexity on the "
+             "owner's own domain; routed: the share of its domain's tokens sent to its expert.", "",
+             "| owner | training epsilon (delta) | profile epsilon | total epsilon | expert ppl DP / no DP | "
+             "merged ppl DP / no DP | routed DP / no DP |", "|---|---|---|---|---|---|---|"]
+    for d, r in section.items():
+        dp, prof, tot = r["dp"] or {}, r["profile_dp"] or {}, r["privacy_total"] or {}
+        lines.append(f"| {d} | {dp.get('epsilon', float('nan')):.2f} ({dp.get('delta', 0):g}) | "
+                     f"{prof.get('epsilon', float('nan')):.2f} | {tot.get('epsilon', float('nan')):.2f} | "
+                     f"{r['expert_ppl']['dp']:.3f} / {r['expert_ppl']['no_dp']:.3f} | "
+                     f"{r['merged_ppl']['dp']:.3f} / {r['merged_ppl']['no_dp']:.3f} | "
+                     f"{r['routed_to_own_expert']['dp']:.2f} / {r['routed_to_own_expert']['no_dp']:.2f} |")
+    return lines
+
+
 def hf_release_logprobs(merged_dir: Path):
     """Log-probs of `flexmoe export-hf merged_dir` loaded by transformers; None without transformers
     or when the merge has no Hugging Face release (e.g. routing=anchor_doc)."""
@@ -174,5 +223,7 @@ def write_report(out: Path, results: dict[str, Any], domains: list[str]) -> None
                   "", "| eval domain | " + " | ".join(owners) + " |", "|---|" + "---|" * len(owners)]
         for d, row in results["attribution"].items():
             lines.append(f"| {d} | " + " | ".join(f"{row[o]:.3f}" for o in owners) + " |")
+    if results.get("privacy"):
+        lines += privacy_lines(results["privacy"])
     lines += ["", "## Routing", "", f"![routing heatmap]({heat.name})", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -37,7 +37,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from flexmoe.model.moe import MoE
+from torch.distributed.tensor import DTensor
+
+from flexmoe.model.moe import MoE, router_logits
 
 
 def supported(model, params: Sequence[torch.nn.Parameter]) -> str | None:
@@ -53,8 +55,10 @@ def supported(model, params: Sequence[torch.nn.Parameter]) -> str | None:
     other = [p for p in params if id(p) not in covered]
     if other:
         return f"{len(other)} trainable tensors outside the experts and routers (freeze plan trains shared layers)"
-    if any(hasattr(m.experts.gate_proj, "to_local") for m in moes):
-        return "the experts are sharded (DTensor)"
+    for m in moes:
+        w = m.experts.gate_proj
+        if isinstance(w, DTensor) and w.device_mesh.ndim != 1:
+            return "the experts are laid out on a multi-dimensional mesh (tensor or expert parallelism)"
     return None
 
 
@@ -154,6 +158,7 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
     unit_of_window = unit_of_window.to(batch_BS.device)
     unit_T = unit_of_window.repeat_interleave(S)
     index = {id(p): j for j, p in enumerate(params)}
+    full = {id(p): _full(p) for p in params}  # sharded (FSDP) tensors gathered, in the same order on every rank
     sq = torch.zeros(num_units, dtype=torch.float64, device=batch_BS.device)
     expert_parts, router_parts = [], []
     for rec, (dy_ND, dlogits_TE) in zip(cap.layers, zip(grads[0::2], grads[1::2])):
@@ -167,20 +172,22 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
         if ex.gate_proj.requires_grad:
             for e in range(ex.num_frozen, ex.num_experts):
                 s, lo, hi = e - ex.num_frozen, offsets[e], offsets[e + 1]
-                parts = _swiglu_parts(rec.x_ND[lo:hi], ex.gate_proj[s], ex.up_proj[s], ex.down_proj[s], dy_ND[lo:hi])
+                parts = _swiglu_parts(rec.x_ND[lo:hi], full[id(ex.gate_proj)][s], full[id(ex.up_proj)][s],
+                                      full[id(ex.down_proj)][s], dy_ND[lo:hi])
                 for (G, A) in parts:
                     sq += _unit_sq_norms(G, A, unit_N[lo:hi], num_units)
                 expert_parts.append((ex, s, parts, unit_N[lo:hi]))
         router_params = [p for p in (rec.moe.router.weight, rec.moe.router.bias) if p is not None and p.requires_grad]
         if router_params:
-            per_unit = _router_unit_grads(rec, dlogits_TE, unit_T, num_units, router_params,
-                                          [masks[index[id(p)]] for p in router_params])
+            per_unit = _router_unit_grads(rec, dlogits_TE, unit_T, num_units, [full[id(p)] for p in router_params],
+                                          [masks[index[id(p)]] for p in router_params],
+                                          has_bias=rec.moe.router.bias is not None and rec.moe.router.bias.requires_grad)
             for g in per_unit:
                 sq += g.double().square().flatten(1).sum(1)
             router_parts.append((router_params, per_unit))
     norms = sq.sqrt()
     scale = torch.clamp(max_grad_norm / (norms + 1e-6), max=1.0)  # the reference's min(1, C / (norm + 1e-6))
-    total = [torch.zeros_like(p) for p in params]
+    total = [torch.zeros_like(full[id(p)]) for p in params]
     for ex, s, parts, unit_n in expert_parts:
         c = scale[unit_n].to(parts[0][0].dtype)[:, None]
         for name, (G, A) in zip(("gate_proj", "up_proj", "down_proj"), parts):
@@ -191,10 +198,22 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
     return total, norms, loss_B.detach()
 
 
-def _router_unit_grads(rec: _Layer, dlogits_TE, unit_T, num_units: int, router_params, masks) -> list[torch.Tensor]:
-    """Per router tensor, `[U, ...]`: each unit's gradient, one vector-Jacobian product of the
-    router's logits over that unit's tokens (any router: plain, cosine, with bias)."""
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of `p`'s values (a DTensor is gathered: a collective, every rank calls it)."""
+    p = p.detach()
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _router_unit_grads(rec: _Layer, dlogits_TE, unit_T, num_units: int, router_params, masks, *,
+                       has_bias: bool) -> list[torch.Tensor]:
+    """Per trainable router tensor (given as plain copies: weight, then bias if `has_bias`),
+    `[U, ...]`: each unit's gradient, one vector-Jacobian product of the router's logits over that
+    unit's tokens (any router: plain, cosine, with bias)."""
+    router = rec.moe.router
     out = [torch.zeros(num_units, *p.shape, dtype=p.dtype, device=p.device) for p in router_params]
+    leaves = [p.detach().requires_grad_() for p in router_params]
+    weight = leaves[0] if router.weight.requires_grad else _full(router.weight)
+    bias = None if router.bias is None else (leaves[-1] if has_bias else _full(router.bias))
     if dlogits_TE is None:
         return out
     # -inf (masked) logits have zero gradient; the recomputed logits there are finite
@@ -204,8 +223,8 @@ def _router_unit_grads(rec: _Layer, dlogits_TE, unit_T, num_units: int, router_p
         if rows.numel() == 0:
             continue
         with torch.enable_grad():
-            logits = rec.moe.router.logits(rec.x_TD[rows])
-            gs = torch.autograd.grad(logits, router_params, dlogits_TE[rows], allow_unused=True)
+            logits = router_logits(rec.x_TD[rows], weight, bias, router.cosine_temp)
+            gs = torch.autograd.grad(logits, leaves, dlogits_TE[rows], allow_unused=True)
         for j, (g, m) in enumerate(zip(gs, masks)):
             if g is not None:
                 out[j][u] = g * m if m is not None else g

@@ -119,7 +119,15 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
     `loss_mask` `[B, S]`: targets that train (padded document windows; see `sample_loss`).
     `clipping`: `book_keeping` (train/ghost.py: one forward and one backward for the batch),
     `per_unit_backward` (the reference: one backward per window), or `auto` (book-keeping where
-    the model qualifies, `ghost.supported`)."""
+    the model qualifies, `ghost.supported`).
+
+    Under torch.distributed (data-parallel ranks, FSDP) every rank passes its own windows, whole
+    units only; the clipped sums are added over ranks, the noise (the same draw on every rank, so
+    the one a single process would add) is added once, and each parameter gets its gradient in its
+    own layout (a sharded DTensor's local shard). The stats are the global batch's."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     from flexmoe.train import ghost
 
     if clipping not in CLIPPING:
@@ -132,10 +140,19 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
     if clipping == "book_keeping" and why_not:
         raise ValueError(f"privacy.clipping=book_keeping: {why_not}; use privacy.clipping=per_unit_backward")
     method = "per_unit_backward" if clipping == "per_unit_backward" or why_not else "book_keeping"
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1 and method != "book_keeping":
+        raise ValueError(f"privacy.clipping={clipping}: {why_not or 'the reference'} runs one process only (its "
+                         "per-window passes differ in number between ranks); launch without torchrun")
+    dummy = world > 1 and B == 0  # every rank takes part in the sharded forward, with or without windows
+    if dummy:
+        batch_BS = batch_BS.new_zeros(1, batch_BS.shape[1])
+        loss_mask = torch.zeros(1, batch_BS.shape[1] - 1, device=batch_BS.device)
+        units, num_units, B = torch.zeros(1, dtype=torch.long), 1, 1
     if B and method == "book_keeping":
         total, norms_t, losses_t = ghost.book_keeping_grads(model, batch_BS, units, num_units, params, max_grad_norm,
                                                             masks, loss_mask=loss_mask)
-        present = [u for u in range(num_units) if bool((units == u).any())]
+        present = [] if dummy else [u for u in range(num_units) if bool((units == u).any())]
         norms = [float(norms_t[u]) for u in present]
         losses = [float(losses_t[units == u].mean()) for u in present]  # per unit, as the reference
     else:
@@ -147,10 +164,18 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
                 t.add_(g)
             norms.append(norm)
             losses.append(loss)
+    if world > 1:
+        for t in total:
+            dist.all_reduce(t)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (norms, losses))
+        norms, losses = [n for g in gathered for n in g[0]], [v for g in gathered for v in g[1]]
     std = noise_multiplier * max_grad_norm
     for t, m in zip(total, masks):
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.device, t.dtype) * std
         t.add_(noise * m if m is not None else noise).div_(expected_batch_size)
+    total = [distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor)
+             and not isinstance(t, DTensor) else t for p, t in zip(params, total)]
     stats = {"batch_size": float(len(norms)), "loss": float(np.mean(losses)) if losses else float("nan"),
              "grad_norm_median": float(np.median(norms)) if norms else 0.0,
              "clipped_fraction": float(np.mean([n > max_grad_norm for n in norms])) if norms else 0.0,

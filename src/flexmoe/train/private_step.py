@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from flexmoe.io.log import get_logger
 from flexmoe.train.dp_accounting import calibrate_noise, make_accountant, max_steps_within
@@ -36,9 +37,16 @@ def check_private_run(cfg) -> None:
     from flexmoe.train.freeze import PLANS
 
     privacy_config_of(cfg)  # validates privacy.* and needs opacus
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("privacy.enabled=true trains in one process for now; launch without torchrun "
-                         "(DP across data-parallel ranks is not built yet)")
+    par = cfg.parallel
+    if par.tp > 1 or par.ep > 1 or par.dp_replicate > 1:
+        raise ValueError(f"parallel.tp={par.tp} ep={par.ep} dp_replicate={par.dp_replicate} with privacy.enabled=true: "
+                         "DP-SGD runs on one process or on FSDP data-parallel ranks (dp_shard) only; set them to 1")
+    if par.ac != "none" or par.compile:
+        raise ValueError(f"parallel.ac={par.ac} compile={par.compile} with privacy.enabled=true: DP clipping reads "
+                         "each layer's activations once; set parallel.ac=none parallel.compile=false")
+    if par.param_dtype != "fp32" or par.reduce_dtype != "fp32":
+        raise ValueError("parallel.param_dtype/reduce_dtype with privacy.enabled=true: DP training runs in fp32; set "
+                         "both to fp32")
     if cfg.parallel.engine != "fsdp":
         raise ValueError(f"parallel.engine={cfg.parallel.engine} with privacy.enabled=true: DP-SGD runs on the "
                          "native engine; set parallel.engine=fsdp")
@@ -71,6 +79,7 @@ class PrivateStep:
         from flexmoe.train.freeze import PLANS
 
         self.cfg, self.model, self.device = cfg, model, device
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         pc = self.pc = privacy_config_of(cfg)
         (self.domain, path), = cfg.data.train.items()
         self.units = open_units(pc.unit, path, cfg.data.seq_len, verify=cfg.data.verify,
@@ -103,6 +112,10 @@ class PrivateStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.masks = trainable_masks(self.params)
         seed = pc.noise_seed if pc.noise_seed is not None else int.from_bytes(os.urandom(8), "little")
+        if self.world > 1:  # one secret seed for all ranks: they draw the same sample and noise
+            box = [seed]
+            dist.broadcast_object_list(box, src=0)
+            seed = box[0]
         self.rng = np.random.default_rng([seed, 1])
         self.gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 2]).integers(2**62)))
         self.accountant = make_accountant(pc.accountant)
@@ -118,7 +131,8 @@ class PrivateStep:
 
     def step(self) -> dict[str, float]:
         """Sample, clip, noise; leaves the gradient in each trainable parameter's `.grad`."""
-        idx = poisson_indices(self.num_units, self.q, self.rng)
+        # The global sample, drawn alike on every rank; each rank takes every world-th unit, whole.
+        idx = poisson_indices(self.num_units, self.q, self.rng)[self.rank::self.world]
         tokens, mask, unit = self.units.batch(idx)
         batch = torch.from_numpy(tokens).to(self.device)
         grads, stats = private_gradient(self.model, batch, self.params, max_grad_norm=self.pc.max_grad_norm,
