@@ -17,7 +17,7 @@ def test_bar_quickstart_small(tmp_path):
     on_disk = json.loads((tmp_path / "bar_report.json").read_text())
     assert on_disk["val_loss"] == report["val_loss"] and on_disk["domains"] == ["math", "code"]
     rows = {"public", "merged/sft+shared=average", "merged/sft+shared=public", "merged/frozen",
-            "merged/sft+shared=average+router_tune"} | {
+            "merged/sft+shared=average+router_tune", "merged/sft+shared=average[topk]", "merged/frozen[topk]"} | {
         f"expert-{v}/{d}" for v in ("sft", "frozen") for d in ("math", "code")}
     assert set(report["val_loss"]) == rows
     for row in rows:
@@ -35,6 +35,11 @@ def test_bar_quickstart_small(tmp_path):
     sft_pkg = json.loads((tmp_path / "owners" / "math" / "package-sft" / "manifest.json").read_text())
     frozen_pkg = json.loads((tmp_path / "owners" / "math" / "package-frozen" / "manifest.json").read_text())
     assert "embed.weight" in sft_pkg["shared"] and not frozen_pkg.get("shared")
+    # every owner's package carries the n-gram profile of its own chats: the merges route by document
+    assert report["routing"] == "anchor_ngram"
+    assert json.loads((tmp_path / "merged" / "frozen-public-topk" / "config.json").read_text()).get("routing", "topk") == "topk"
+    assert report["val_loss"]["merged/frozen"] != report["val_loss"]["merged/frozen[topk]"]
+    assert set(report["frozen_merge_bounds"]) == {"math", "code"}
     md = (tmp_path / "bar_report.md").read_text()
     assert "| expert-sft/code |" in md and "Wall time" in md
 
