@@ -21,6 +21,7 @@ model's fp32 bytes, for the whole run: build, --build-steps steps and the final 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -94,8 +95,11 @@ def run_case(a, name: str) -> dict:
     gc.collect()
     baseline = _resident_gib()
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if a.dtype == "bf16" else contextlib.nullcontext()
+
     def step() -> float:
-        out = model(inputs) if impl == "flexmoe" else model(input_ids=inputs)
+        with autocast:  # bf16 autocast, as trainer.dtype=bf16 runs it
+            out = model(inputs) if impl == "flexmoe" else model(input_ids=inputs)
         loss = F.cross_entropy(out.logits.float().reshape(-1, cfg.vocab_size), targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -236,6 +240,10 @@ def main() -> int:
     p.add_argument("--build-layers", type=int, default=15)
     p.add_argument("--build-d-ff", type=int, default=4096)
     p.add_argument("--build-steps", type=int, default=2)
+    p.add_argument("--dtypes", default="auto",
+                   help="fp32, bf16 or fp32,bf16; auto: fp32, and bf16 too on CPUs with AMX / AVX512-BF16 (on "
+                        "AVX2-only CPUs bf16 runs ~90x slower and the rows would take hours)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)  # internal
     p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # internal: one case per process
     p.add_argument("--build-rank", choices=("old", "new"), help=argparse.SUPPRESS)  # internal: one rank of a case
     p.add_argument("--build-root", help=argparse.SUPPRESS)
@@ -249,37 +257,48 @@ def main() -> int:
     if torch.cuda.is_available():
         print("note: this script times the CPU path; GPU runs use the trainer's own log (tok/s/dev, mfu)")
     peak = matmul_peak(a.threads)
+    dtypes = (["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]) if a.dtypes == "auto" else a.dtypes.split(",")
+    if "bf16" not in dtypes:
+        print("note: no bf16 rows: this CPU has no AMX / AVX512-BF16 (bf16 would run ~90x slower); "
+              "--dtypes fp32,bf16 forces them")
     rows: dict[str, dict] = {}
     # Rounds interleave the cases and keep each one's fastest step: on a shared machine another
     # job's burst then costs a few steps, not one case.
     for _ in range(a.rounds):
-        for name in CASES:
-            r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--case", name],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                print(r.stderr[-3000:], file=sys.stderr)
-                return r.returncode
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            if name not in rows or row["step_s"] < rows[name]["step_s"]:
-                rows[name] = row
+        for dtype in dtypes:
+            for name in CASES:
+                r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--case", name, "--dtype", dtype],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(r.stderr[-3000:], file=sys.stderr)
+                    return r.returncode
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+                key = name if dtype == "fp32" else f"{name} bf16"
+                if key not in rows or row["step_s"] < rows[key]["step_s"]:
+                    rows[key] = row
     peak = max(peak, matmul_peak(a.threads))
     for r in rows.values():
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
     cpu = f"{cpu_name()} (bf16 fast path: {'yes' if cpu_has_fast_bf16() else 'no'})"
-    print(f"machine: {cpu}, {a.threads} torch threads, fp32, torch {torch.__version__}; "
-          f"peak {peak / 1e9:.1f} GFLOP/s (2048^3 matmul, best before/after)")
+    print(f"machine: {cpu}, {a.threads} torch threads, {'+'.join(dtypes)}, torch {torch.__version__}; "
+          f"fp32 peak {peak / 1e9:.1f} GFLOP/s (2048^3 matmul, best before/after; bf16 rows' MFU is against it too)")
     print(f"model: d_model {a.d_model}, {a.layers} layers, {a.heads} heads, d_ff {a.d_ff}, {a.experts} experts "
           f"top-{a.top_k}, vocab {a.vocab}; batch {a.batch} x seq {a.seq}; fastest of {a.steps} steps "
           f"(after {a.warmup}) in {a.rounds} rounds")
-    print(f"{'case':<16}{'tokens/s':>10}{'MFU':>8}{'s/step':>9}{'peak GiB':>10}{'growth GiB':>12}{'trainable':>12}")
+    print(f"{'case':<21}{'tokens/s':>10}{'MFU':>8}{'s/step':>9}{'peak GiB':>10}{'growth GiB':>12}{'trainable':>12}")
     for name, r in rows.items():
-        print(f"{name:<16}{r['tokens_per_s']:>10,.0f}{r['mfu']:>8.1%}{r['step_s']:>9.3f}{r['peak_mem_gib']:>10.2f}"
+        print(f"{name:<21}{r['tokens_per_s']:>10,.0f}{r['mfu']:>8.1%}{r['step_s']:>9.3f}{r['peak_mem_gib']:>10.2f}"
               f"{r['mem_growth_gib']:>12.2f}{r['trainable']:>12,}")
     ours, hf, anchor = rows["flexmoe"], rows["hf"], rows["flexmoe_anchor"]
     print(f"flexmoe / HF tokens/s: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x "
           f"(same first loss: {ours['first_loss']:.5f} vs {hf['first_loss']:.5f})")
     print(f"anchor recipe / all parameters: {anchor['step_s'] / ours['step_s']:.2f}x time per step, "
           f"{anchor['mem_growth_gib'] / max(ours['mem_growth_gib'], 1e-9):.2f}x memory growth")
+    if "bf16" in dtypes:
+        b_ours, b_hf, b_anchor = rows["flexmoe bf16"], rows["hf bf16"], rows["flexmoe_anchor bf16"]
+        print(f"bf16: flexmoe / HF tokens/s {b_ours['tokens_per_s'] / b_hf['tokens_per_s']:.2f}x; bf16 / fp32 tokens/s: "
+              f"flexmoe {b_ours['tokens_per_s'] / ours['tokens_per_s']:.2f}x, anchor recipe "
+              f"{b_anchor['tokens_per_s'] / anchor['tokens_per_s']:.2f}x")
     if a.build_ranks > 0:
         rows, fp32_bytes = build_memory(a)
         bc = build_model_config(a)

@@ -96,3 +96,32 @@ def test_default_run_dir_under_schedulers(monkeypatch, tmp_path):
         default_run_dir()
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     assert default_run_dir() == "runs/torchrun-abc"
+
+
+def test_final_as_shards_loads_like_one_file(work, tmp_path):
+    """trainer.max_shard_size writes final/ as shards plus an index (issue 16, item 1): the same
+    tensors, fingerprint and export-hf bytes as the single-file final of the same run."""
+    from flexmoe.convert.hf_export import export_hf
+    from flexmoe.io.model_dir import load_model_dir
+
+    data = f"+data.train.t={work / 'data'}"
+    for name, extra in (("one", []), ("sharded", ["trainer.max_shard_size=200KB"])):
+        r = _flexmoe(tmp_path, "train", *SMALL, data, "trainer.steps=2", f"out_dir={tmp_path / name}", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+    one, sharded = tmp_path / "one" / "final", tmp_path / "sharded" / "final"
+    shards = sorted(p.name for p in sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and (sharded / "model.safetensors.index.json").is_file()
+    assert not (sharded / "model.safetensors").exists()
+    meta = json.loads((sharded / "flexmoe.json").read_text())
+    assert set(shards) | {"model.safetensors.index.json"} <= set(meta["files"])
+    _, a, meta_a = load_model_dir(one)
+    _, b, meta_b = load_model_dir(sharded)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert meta_a["fingerprint"] == meta_b["fingerprint"]
+    ha, hb = export_hf(one, tmp_path / "hf-one"), export_hf(sharded, tmp_path / "hf-sharded")
+    files = sorted(p.name for p in ha.iterdir() if p.suffix == ".safetensors")
+    assert files == sorted(p.name for p in hb.iterdir() if p.suffix == ".safetensors")
+    assert all((ha / f).read_bytes() == (hb / f).read_bytes() for f in files)
+    r = _flexmoe(tmp_path, "train", *SMALL, data, "trainer.steps=2", f"out_dir={tmp_path / 'bad'}",
+                 "trainer.max_shard_size=lots")
+    assert r.returncode == 2 and "trainer.max_shard_size='lots'" in r.stderr and "Traceback" not in r.stderr

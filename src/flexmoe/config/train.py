@@ -81,6 +81,9 @@ class TrainerConfig:
     # Memory per device the estimate (train/memory.py) must fit in, GiB: -1 the CUDA device's own
     # (no check on CPU), 0 no check. A layout over it is refused before anything is allocated.
     device_memory_gib: float = -1.0
+    # final/ as shards of at most this size ('5GB', '500MB', bytes) plus an index, like merge and
+    # branch write with --max-shard-size; None: one model.safetensors
+    max_shard_size: Optional[str] = None
 
 
 @dataclass
@@ -203,6 +206,8 @@ class RunConfig:
             (t.save_every >= 0, f"trainer.save_every={t.save_every} must be >= 0 (0: only at the end)"),
             (t.keep_last >= 0, f"trainer.keep_last={t.keep_last} must be >= 0 (0: keep every checkpoint)"),
             (t.stop_after >= 0, f"trainer.stop_after={t.stop_after} must be >= 0 (0: run to trainer.steps)"),
+            (_size_ok(t.max_shard_size), f"trainer.max_shard_size={t.max_shard_size!r} is not a size such as 5GB, "
+                                         "500MB or a byte count > 0"),
             (t.threads >= 0, f"trainer.threads={t.threads} must be >= 0 (0: torch's default)"),
             (t.dtype in ("fp32", "bf16", "auto"), f"trainer.dtype={t.dtype!r} is not fp32|bf16|auto"),
             (d.seq_len >= 1, f"data.seq_len={d.seq_len} must be >= 1"),
@@ -261,3 +266,14 @@ def as_run_config(cfg: Any) -> RunConfig:
     run = to_typed(RunConfig, cfg, "config")
     run.validate()
     return run
+
+
+def _size_ok(text) -> bool:
+    if text is None:
+        return True
+    from flexmoe.config.sizes import parse_size
+
+    try:
+        return (parse_size(text) or 0) > 0
+    except (ValueError, TypeError):
+        return False

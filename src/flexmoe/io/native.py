@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flexmoe.config.model import ModelConfig
+from flexmoe.config.sizes import parse_size  # noqa: F401  (re-exported: writers' --max-shard-size)
 from flexmoe.io.keys import NATIVE_ONLY, native_shapes, storage_order
 from flexmoe.io.hf_dir import hf_architecture
 from flexmoe.io.model_dir import (CONFIG, META, CheckpointError, carry_tokenizer, check_weight_listing, read_model_meta, refuse_temp_dir,
@@ -22,20 +23,6 @@ from flexmoe.io.schema import MODEL_FORMAT
 from flexmoe.io.shards import read_weights
 from flexmoe.io.stream import FilePool, LazyTensor
 from flexmoe.io.writer import ExpertHashTap, Source, Tap, write_tensors
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'5GB' (decimal, as Hugging Face counts), '500MiB' or a plain byte count -> bytes; None stays None."""
-    import re
-
-    if text is None:
-        return None
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
-        raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
 def open_native(src: str | Path, verify: bool = True, defer: FilePool | None = None

@@ -25,6 +25,7 @@ from flexmoe.io.files import sha256_file
 from flexmoe.io.fingerprint import anchor_view, bind_expert_hashes
 from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, atomic_dir, carry_tokenizer, write_json
 from flexmoe.io.schema import MODEL_FORMAT
+from flexmoe.io.shards import INDEX, index_record, plan_shards, shard_names
 from flexmoe.io.stream import DTYPE_NAMES, FilePool, read_header, write_all
 
 
@@ -132,20 +133,32 @@ def write_weights(path: Path, tensors: dict[str, Made], tap: _Fingerprint | None
 
 
 def write_streamed_model_dir(dst: str | Path, cfg: ModelConfig, sources: dict[str, Made],
-                             make_meta: Callable[[str], dict[str, Any]], overwrite: bool = True) -> tuple[Path, dict[str, Any]]:
+                             make_meta: Callable[[str], dict[str, Any]], overwrite: bool = True,
+                             max_shard_size: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Write `dst` atomically from `sources` (each made, written and dropped in turn, in
-    `fingerprint_order`); `make_meta(fingerprint)` gives flexmoe.json's fields. Returns (dst, meta)."""
+    `fingerprint_order`); `make_meta(fingerprint)` gives flexmoe.json's fields. Returns (dst, meta).
+    `max_shard_size` (bytes): shards of at most that size with an index (the layout HF uses)
+    instead of one model.safetensors; the fingerprint runs on across them."""
     order, anchored = fingerprint_order(sources)
+    shards = plan_shards([(k, sources[k].nbytes) for k in order], max_shard_size)
+    names = shard_names(len(shards))
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         tap = _Fingerprint(anchored)
-        weights_sha = write_weights(tmp / WEIGHTS, {k: sources[k] for k in order}, tap)
+        files = {name: write_weights(tmp / name, {k: sources[k] for k in keys}, tap) for name, keys in zip(names, shards)}
+        if len(shards) > 1:
+            text = json.dumps(index_record(names, shards, sum(sources[k].nbytes for k in order)), indent=2,
+                              sort_keys=True) + "\n"
+            (tmp / INDEX).write_text(text)
+            files[INDEX] = hashlib.sha256(text.encode()).hexdigest()
         meta = make_meta(tap.hexdigest())
         cfg.save(tmp / CONFIG)
-        if needs_expert_hashes(cfg, meta):  # read back from the file just written: expert slices only
-            tensors, _ = read_header(tmp / WEIGHTS)
+        if needs_expert_hashes(cfg, meta):  # read back from the files just written: expert slices only
+            tensors: dict[str, Any] = {}
+            for name in names:
+                tensors.update(read_header(tmp / name)[0])
             with FilePool() as pool:
                 meta = dict(meta, experts=bind_expert_hashes(meta["experts"], tensors, cfg.num_layers, pool.chunks))
         meta = {"format": MODEL_FORMAT, **carry_tokenizer(meta, tmp),
-                "files": {WEIGHTS: weights_sha, CONFIG: sha256_file(tmp / CONFIG)}}
+                "files": {**files, CONFIG: sha256_file(tmp / CONFIG)}}
         write_json(tmp / META, meta)
     return Path(dst), meta

@@ -71,7 +71,10 @@ def write_final(cfg, built: Built, engine, tokens_seen: int, val_loss: dict[str,
             written.update(final_meta(cfg, built, tokens_seen, val_loss, fp), **(extra_meta or {}))
             return written
 
-        final, _ = write_streamed_model_dir(Path(cfg.out_dir) / "final", built.mcfg, sources, make_meta)
+        from flexmoe.config.sizes import parse_size
+
+        final, _ = write_streamed_model_dir(Path(cfg.out_dir) / "final", built.mcfg, sources, make_meta,
+                                            max_shard_size=parse_size(cfg.trainer.max_shard_size))
         result = {"final": str(final), "val_loss": val_loss, "tokens_seen": tokens_seen, **written}
     else:
         for k in order:  # the same gathers, in the same order, for rank 0's writer
