@@ -118,3 +118,25 @@ def test_kill_during_checkpoint_write_keeps_previous(pdata, tmp_path):
     _, sd_b, _ = load_model_dir(run / "final")
     for k in sd_a:
         assert torch.equal(sd_a[k], sd_b[k]), k
+
+
+def test_async_checkpoints_on_two_ranks(pdata, tmp_path):
+    """trainer.async_save on 2 FSDP ranks (a process group of its own for the background writes):
+    the same losses and model as synchronous saves, every periodic checkpoint completed, and a run
+    resumed from one ends bit-identical."""
+    sync = run_cfg(pdata, tmp_path / "sync", world=2, steps=6, dp_shard=-1)
+    sync["trainer"].update(save_every=2, keep_last=5)
+    bg = run_cfg(pdata, tmp_path / "bg", world=2, steps=6, dp_shard=-1)
+    bg["trainer"].update(save_every=2, keep_last=5, async_save=True)
+    part = run_cfg(pdata, tmp_path / "part", world=2, steps=6, dp_shard=-1)
+    part["trainer"].update(save_every=2, keep_last=5, async_save=True, stop_after=3)
+    rest = run_cfg(pdata, tmp_path / "part", world=2, steps=6, dp_shard=-1)
+    rest["trainer"].update(save_every=2, keep_last=5, async_save=True)
+    run_distributed(train_on_rank, 2, [sync, bg, part, rest], timeout=600)
+    assert [p.name for p in complete_checkpoints(tmp_path / "bg" / "checkpoints")] == [
+        "step-00000002", "step-00000004", "step-00000006"]
+    assert losses(tmp_path / "bg") == losses(tmp_path / "sync") == losses(tmp_path / "part")
+    _, a, _ = load_model_dir(tmp_path / "sync" / "final")
+    for run in ("bg", "part"):
+        _, b, _ = load_model_dir(tmp_path / run / "final")
+        assert all(torch.equal(a[k], b[k]) for k in a), run

@@ -71,6 +71,9 @@ class TrainerConfig:
     # Checkpoints hold trainable tensors only: frozen ones are rebuilt from init_from (checked on
     # resume). True writes them too (a checkpoint that stands without init_from).
     checkpoint_frozen: bool = False
+    # Periodic checkpoints written in the background (DCP async_save): the step loop goes on while
+    # they are written; one in flight at a time; stop, preemption and the last save are synchronous.
+    async_save: bool = False
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
     # A finished run (out_dir/final/ written) is never trained again silently: true replaces final/
     # (a public router row `router-embed --public` attached to it is carried over).

@@ -48,36 +48,92 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# A checkpoint being written in the background (trainer.async_save): its future and what makes it
+# count (the state file, the marker, the rename), done once every rank's shards are on disk.
+_PENDING: tuple[Any, Any] | None = None
+_ASYNC_GROUP = None
+
+
 def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state: dict[str, Any],
-                    keep_last: int = 2, engine=None, keep_frozen: bool = False) -> Path:
+                    keep_last: int = 2, engine=None, keep_frozen: bool = False, async_save: bool = False) -> Path:
     """Write `root/step-N` atomically (a collective: every rank calls it). `engine`: a DeepSpeed
     engine, which then saves model and optimizer in its own format. Frozen tensors are left out
-    unless `keep_frozen`."""
+    unless `keep_frozen`. `async_save`: DCP copies the state and writes it in the background; the
+    checkpoint counts (marker, rename) once `poll_pending` or `finish_pending` sees it written, and
+    until then the previous one is the newest complete checkpoint."""
+    global _PENDING
+    finish_pending()  # one checkpoint in flight at a time
     root = Path(root)
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    state_json = json.dumps(dict(trainer_state, step=step), indent=1, default=str)  # as of now, not of the finish
+
+    def complete() -> None:
+        _barrier()  # every rank's shards are on disk
+        if _rank() == 0:
+            (tmp / STATE).write_text(state_json)
+            (tmp / MARKER).write_text("ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
     if engine is not None:
         engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state={}, save_latest=False)
     else:
         msd, osd = get_state_dict(model, optimizer)
         if not keep_frozen:
             msd = _trainable_only(model, msd)
+        state = {"model": msd, "optim": osd, "rng": torch.get_rng_state()}
         with _single_process_quiet():
-            dcp.save({"model": msd, "optim": osd, "rng": torch.get_rng_state()}, checkpoint_id=str(tmp))
-    _barrier()
-    if _rank() == 0:
-        (tmp / STATE).write_text(json.dumps(dict(trainer_state, step=step), indent=1, default=str))
-        (tmp / MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+            if async_save:
+                _PENDING = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group()), complete)
+                return final
+            dcp.save(state, checkpoint_id=str(tmp))
+    complete()
     return final
+
+
+def _async_group():
+    """A process group of its own for background checkpoint collectives, so they never interleave
+    with the training step's (FSDP all-gathers on the default group)."""
+    global _ASYNC_GROUP
+    if dist.is_initialized() and dist.get_world_size() > 1 and _ASYNC_GROUP is None:
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP
+
+
+def poll_pending() -> None:
+    """Complete the background checkpoint if every rank has written it (call once per step on
+    every rank; the ranks agree before any of them takes the collective finish)."""
+    if _PENDING is None:
+        return
+    done = _PENDING[0].done()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # on the default group, from the training thread: the background writer owns the other one
+        flag = torch.tensor([1 if done else 0], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        done = bool(flag.item())
+    if done:
+        finish_pending()
+
+
+def finish_pending() -> None:
+    """Wait for the background checkpoint, if any, and make it count (a collective)."""
+    global _PENDING
+    if _PENDING is None:
+        return
+    fut, complete = _PENDING
+    _PENDING = None
+    fut.result()
+    complete()
 
 
 @contextlib.contextmanager

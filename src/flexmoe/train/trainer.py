@@ -287,9 +287,11 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         stopping = cfg.trainer.stop_after > 0 and s - start >= cfg.trainer.stop_after and s < steps
         preempted = s < steps and preemption.requested()
         stopping = stopping or preempted
+        ckpt.poll_pending()  # a background checkpoint that every rank has written now counts
         if (cfg.trainer.save_every and s % cfg.trainer.save_every == 0 and s < steps) or stopping:
             ckpt.save_checkpoint(ckpt_root, s, model, optimizer, trainer_state(), keep_last=cfg.trainer.keep_last,
-                                 engine=engine, keep_frozen=cfg.trainer.checkpoint_frozen)
+                                 engine=engine, keep_frozen=cfg.trainer.checkpoint_frozen,
+                                 async_save=cfg.trainer.async_save and not stopping and engine is None)
         if stopping:
             status = preemption.finish() if preempted else "stopped"
             logger.close()
