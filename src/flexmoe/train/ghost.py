@@ -100,25 +100,38 @@ class _Capture:
             h.remove()
 
 
-def _unit_sq_norms(G_NO: torch.Tensor, A_NI: torch.Tensor, unit_N: torch.Tensor, num_units: int) -> torch.Tensor:
+KEEP_BYTES = 64 << 20  # per weight: per-unit gradients up to this size are kept for the clipped sum
+
+
+def _unit_sq_norms(G_NO: torch.Tensor, A_NI: torch.Tensor, unit_N: torch.Tensor, num_units: int
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per unit u, |sum_{rows of u} G_row (x) A_row|_F^2 in float64: the ghost norm where a unit's
-    rows are few, the materialised product where they are many."""
+    rows are few, the materialised product where they are many. Second: the per-unit products
+    `[U, O, I]` when every unit's was materialised and they fit in KEEP_BYTES (the clipped sum is
+    then their weighted sum instead of one more pass over the rows), else None."""
     out = torch.zeros(num_units, dtype=torch.float64, device=G_NO.device)
+    o, i = G_NO.shape[1], A_NI.shape[1]
     if G_NO.shape[0] == 0:
-        return out
+        return out, None
     order = torch.argsort(unit_N, stable=True)
     counts = torch.bincount(unit_N, minlength=num_units).tolist()
     G_NO, A_NI = G_NO[order], A_NI[order]
-    o, i, start = G_NO.shape[1], A_NI.shape[1], 0
+    keep = num_units * o * i * G_NO.element_size() <= KEEP_BYTES and all(
+        n == 0 or n * (o + i) > o * i for n in counts)
+    kept = G_NO.new_zeros(num_units, o, i) if keep else None
+    start = 0
     for u, n in enumerate(counts):
         if n:
             g, a = G_NO[start:start + n], A_NI[start:start + n]
             if n * (o + i) <= o * i:
                 out[u] = ((g @ g.T) * (a @ a.T)).sum(dtype=torch.float64)
             else:
-                out[u] = (g.T @ a).square().sum(dtype=torch.float64)
+                prod = g.T @ a
+                out[u] = prod.square().sum(dtype=torch.float64)
+                if kept is not None:
+                    kept[u] = prod
             start += n
-    return out
+    return out, kept
 
 
 def _swiglu_parts(x_nD, gate, up, down, dy_nD):
@@ -174,9 +187,12 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
                 s, lo, hi = e - ex.num_frozen, offsets[e], offsets[e + 1]
                 parts = _swiglu_parts(rec.x_ND[lo:hi], full[id(ex.gate_proj)][s], full[id(ex.up_proj)][s],
                                       full[id(ex.down_proj)][s], dy_ND[lo:hi])
+                kept = []
                 for (G, A) in parts:
-                    sq += _unit_sq_norms(G, A, unit_N[lo:hi], num_units)
-                expert_parts.append((ex, s, parts, unit_N[lo:hi]))
+                    sq_part, per_unit = _unit_sq_norms(G, A, unit_N[lo:hi], num_units)
+                    sq += sq_part
+                    kept.append(per_unit)
+                expert_parts.append((ex, s, parts, unit_N[lo:hi], kept))
         router_params = [p for p in (rec.moe.router.weight, rec.moe.router.bias) if p is not None and p.requires_grad]
         if router_params:
             per_unit = _router_unit_grads(rec, dlogits_TE, unit_T, num_units, [full[id(p)] for p in router_params],
@@ -188,10 +204,13 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
     norms = sq.sqrt()
     scale = torch.clamp(max_grad_norm / (norms + 1e-6), max=1.0)  # the reference's min(1, C / (norm + 1e-6))
     total = [torch.zeros_like(full[id(p)]) for p in params]
-    for ex, s, parts, unit_n in expert_parts:
+    for ex, s, parts, unit_n, kept in expert_parts:
         c = scale[unit_n].to(parts[0][0].dtype)[:, None]
-        for name, (G, A) in zip(("gate_proj", "up_proj", "down_proj"), parts):
-            total[index[id(getattr(ex, name))]][s] += (G * c).T @ A
+        for name, (G, A), per_unit in zip(("gate_proj", "up_proj", "down_proj"), parts, kept):
+            if per_unit is not None:  # sum_u c_u G_u from the products the norms already made
+                total[index[id(getattr(ex, name))]][s] += torch.einsum("u,uoi->oi", scale.to(per_unit.dtype), per_unit)
+            else:
+                total[index[id(getattr(ex, name))]][s] += (G * c).T @ A
     for router_params, per_unit in router_parts:
         for p, g in zip(router_params, per_unit):
             total[index[id(p)]] += torch.einsum("u,u...->...", scale.to(g.dtype), g)
