@@ -134,7 +134,9 @@ def test_quiet_flag_silences_a_sharded_merge(tmp_path):
     lines = err.getvalue().splitlines()
     shards = len(list((tmp_path / "m2").glob("model-*.safetensors")))
     assert shards > 3 and len([x for x in lines if "[shard " in x]) == shards, lines  # only the second run speaks
-    assert lines[-1].startswith("[flexmoe] merged 2 packages") and len(lines) == shards + 2
+    # then the closing line, and one privacy line per expert
+    assert lines[-3].startswith("[flexmoe] merged 2 packages") and len(lines) == shards + 4
+    assert all(x.startswith("[flexmoe] privacy: slot ") for x in lines[-2:])
 
 
 CHILD = textwrap.dedent("""

@@ -54,3 +54,48 @@ def test_dp_on_two_ranks_resumes_bit_identically(pdata, tmp_path):
     _, b, _ = load_model_dir(tmp_path / "part" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
+
+
+def test_dp_on_two_ranks_killed_and_resumed(pdata, tmp_path):
+    """kill -9 of a 2-rank DP run (torchrun through launch/run.py) after a checkpoint, then the same
+    command again: the final model, losses and epsilon equal those of an unbroken 2-rank run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from flexmoe.train.checkpoint import complete_checkpoints
+    from test_kill_resume import _descendants, _finish
+
+    ref = run_distributed(train_on_rank, 2, [_dp_cfg(pdata, tmp_path / "ref", 2) | {
+        "trainer": {**_dp_cfg(pdata, tmp_path / "ref", 2)["trainer"], "steps": 12}}], timeout=300)[0][0]
+    run = tmp_path / "run"
+    args = [f"out_dir={run}", f"init_from={pdata['init']}", f"+data.train.code={pdata['train']}", "stage=expert_anchor",
+            "stage.public_mix=0", "data.seq_len=32", "data.batch_size=8", "trainer.steps=12", "trainer.log_every=1",
+            "trainer.save_every=2", "trainer.keep_last=3", "optim.lr=3e-3", "optim.warmup_steps=2", "parallel=fsdp",
+            "trainer.dtype=fp32", "privacy.enabled=true", "privacy.noise_multiplier=0.8", "privacy.max_grad_norm=0.05",
+            "privacy.delta=1e-4", "privacy.noise_seed=3", "privacy.allow_nonprivate_router_init=true"]
+    root = Path(__file__).resolve().parents[2]
+
+    def launch():
+        return subprocess.Popen([sys.executable, str(root / "launch" / "run.py"), "--nproc", "2", "--threads", "1",
+                                 "--", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    proc = launch()
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-00000004" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists() and len(complete_checkpoints(run / "checkpoints")) >= 1
+    _finish(launch())
+    _, a, meta_a = load_model_dir(tmp_path / "ref" / "final")
+    _, b, meta_b = load_model_dir(run / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert meta_a["dp"]["epsilon"] == meta_b["dp"]["epsilon"] == ref["dp"]["epsilon"]
+    assert losses(tmp_path / "ref") == losses(run)
