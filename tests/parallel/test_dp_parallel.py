@@ -69,8 +69,9 @@ def test_dp_on_two_ranks_killed_and_resumed(pdata, tmp_path):
     from flexmoe.train.checkpoint import complete_checkpoints
     from test_kill_resume import _descendants, _finish
 
-    ref = run_distributed(train_on_rank, 2, [_dp_cfg(pdata, tmp_path / "ref", 2) | {
-        "trainer": {**_dp_cfg(pdata, tmp_path / "ref", 2)["trainer"], "steps": 12}}], timeout=300)[0][0]
+    ref_cfg = _dp_cfg(pdata, tmp_path / "ref", 2)
+    ref_cfg["trainer"]["steps"] = 12
+    ref = run_distributed(train_on_rank, 2, [ref_cfg], timeout=300)[0][0]
     run = tmp_path / "run"
     args = [f"out_dir={run}", f"init_from={pdata['init']}", f"+data.train.code={pdata['train']}", "stage=expert_anchor",
             "stage.public_mix=0", "data.seq_len=32", "data.batch_size=8", "trainer.steps=12", "trainer.log_every=1",

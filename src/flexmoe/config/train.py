@@ -112,6 +112,9 @@ class OwnerConfig:
 ACCOUNTANTS = ("rdp", "prv")
 
 
+CLIPPING = ("auto", "book_keeping", "per_unit_backward")  # privacy.clipping (train/privacy.private_gradient)
+
+
 @dataclass
 class PrivacyConfig:
     """`privacy.*` settings of a DP-SGD run (RunConfig gains `privacy: PrivacyConfig`)."""
@@ -152,8 +155,7 @@ class PrivacyConfig:
             (0 <= self.sampling_rate <= 1, f"privacy.sampling_rate={self.sampling_rate} must be in [0, 1]"),
             (self.unit in ("window", "document"), f"privacy.unit={self.unit!r} is not window|document"),
             (self.max_unit_windows >= 1, f"privacy.max_unit_windows={self.max_unit_windows} must be >= 1"),
-            (self.clipping in ("auto", "book_keeping", "per_unit_backward"),
-             f"privacy.clipping={self.clipping!r} is not auto|book_keeping|per_unit_backward"),
+            (self.clipping in CLIPPING, f"privacy.clipping={self.clipping!r} is not {'|'.join(CLIPPING)}"),
         ]
         for ok, msg in checks:
             if not ok:

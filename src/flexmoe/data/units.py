@@ -66,9 +66,10 @@ class DocumentUnits:
         self.windows, self.seq_len, self.max_windows = windows, windows.seq_len, int(max_windows)
         self.eos = int(eos)
         self.pad = int(pad_id) if pad_id is not None else self.eos  # masked out of the loss either way
-        ends = []
-        for (_, arr), base in zip(windows.shard_arrays(), windows._starts):
-            ends.append(np.flatnonzero(np.asarray(arr) == self.eos) + base)  # one shard at a time: memmapped
+        ends, base = [], 0
+        for _, arr in windows.shard_arrays():  # one shard at a time: memmapped
+            ends.append(np.flatnonzero(np.asarray(arr) == self.eos) + base)
+            base += len(arr)
         ends_arr = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
         starts = np.concatenate([[0], ends_arr[:-1] + 1]) if len(ends_arr) else np.zeros(0, dtype=np.int64)
         lengths = ends_arr + 1 - starts  # each document with its eos

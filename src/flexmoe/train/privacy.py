@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flexmoe.config.train import ACCOUNTANTS, PrivacyConfig, to_typed  # noqa: F401  (re-exported)
+from flexmoe.config.train import ACCOUNTANTS, CLIPPING, PrivacyConfig, to_typed  # noqa: F401  (re-exported)
 from flexmoe.io.keys import router_weight_key
 from flexmoe.io.log import get_logger
 from flexmoe.train.dp_accounting import (  # noqa: F401  (re-exported)
@@ -101,9 +101,6 @@ def clipped_sample_grads(model, batch_BS: torch.Tensor, params: Sequence[torch.n
         norm = float(torch.sqrt(sum((g.double().pow(2).sum() for g in out), torch.zeros((), dtype=torch.float64))))
         scale = min(1.0, max_grad_norm / (norm + 1e-6))
         yield [g * scale for g in out], norm, float(np.mean(losses))
-
-
-CLIPPING = ("auto", "book_keeping", "per_unit_backward")
 
 
 def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Parameter], *, max_grad_norm: float,
