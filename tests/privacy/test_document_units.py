@@ -62,11 +62,17 @@ def test_document_units_need_document_boundaries(tmp_path):
 
 def test_book_keeping_on_padded_documents_equals_the_reference(tmp_path):
     data = prepared_docs(tmp_path, "docs", _docs())
-    units = DocumentUnits(TokenWindows(data, 24), max_windows=3, pad_id=0)
-    tokens, mask, unit = units.batch(np.array([0, 2, 4, 5, 7]))
+    check_book_keeping_on_units(DocumentUnits(TokenWindows(data, 24), max_windows=3, pad_id=0), [0, 2, 4, 5, 7])
+
+
+def check_book_keeping_on_units(units, picks):
+    """Book-keeping norms and update equal the per-unit-backward reference on `units.batch(picks)`
+    (padded multi-window units; also used by test_user_units.py)."""
+    tokens, mask, unit = units.batch(np.array(picks))
     tokens = torch.from_numpy(tokens) % 97  # the test model's vocabulary
     mask, unit = torch.from_numpy(mask), torch.from_numpy(unit)
-    assert mask.sum() < mask.numel() and len(set(unit.tolist())) == 5 and len(unit) > 5
+    U = len(picks)
+    assert mask.sum() < mask.numel() and len(set(unit.tolist())) == U and len(unit) > U
     model = _model("topk")
     params = [p for p in model.parameters() if p.requires_grad]
     masks = trainable_masks(params)
@@ -74,7 +80,7 @@ def test_book_keeping_on_padded_documents_equals_the_reference(tmp_path):
     ref_norms = np.array([n for _, n, _ in raw])
     s = np.sort(ref_norms)
     clip = float(s[1] + s[2]) / 2
-    _, norms, _ = ghost.book_keeping_grads(model, tokens, unit, 5, params, clip, masks, loss_mask=mask)
+    _, norms, _ = ghost.book_keeping_grads(model, tokens, unit, U, params, clip, masks, loss_mask=mask)
     np.testing.assert_allclose(norms.numpy(), ref_norms, rtol=1e-5)
     kw = dict(max_grad_norm=clip, noise_multiplier=0.5, expected_batch_size=4.0, masks=masks, unit_of_window=unit,
               loss_mask=mask)

@@ -11,6 +11,10 @@ def main(argv: list[str]) -> int:
     With `--format sft` the inputs are chat jsonl files (`{"messages": [{"role", "content"}, ...]}`
     per line) and the output is SFT data for `flexmoe train data.format=sft`: tokens, a loss mask
     on assistant tokens only and example boundaries (see flexmoe.data.sft).
+
+    With `--user-field NAME` (jsonl inputs) each record's NAME field is its user id: the output
+    gains `user_ids.npy`, each document's user as a dense id, which `privacy.unit=user` trains on
+    (every user one privacy unit). A record without the field is refused.
     """
     from flexmoe.data import load_tokenizer, prepare_data, train_bpe
 
@@ -23,6 +27,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     p.add_argument("--domain")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--user-field", metavar="NAME",
+                   help="jsonl field holding each record's user id; writes user_ids.npy for privacy.unit=user")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--format", default="lm", choices=["lm", "sft"],
                    help="lm: plain text -> token shards; sft: chat jsonl ('messages') -> windows with an "
@@ -48,8 +54,9 @@ def main(argv: list[str]) -> int:
     else:
         tok = load_tokenizer(a.tokenizer)
     m = prepare_data(a.inputs, a.out, tok, dtype=a.dtype, domain=a.domain, text_field=a.text_field,
-                     overwrite=a.overwrite, overwrite_flag="--overwrite")
-    print(f"{a.out}: {m['num_tokens']:,} tokens in {len(m['shards'])} shard(s), dtype {m['dtype']}")
+                     user_field=a.user_field, overwrite=a.overwrite, overwrite_flag="--overwrite")
+    users = f", {m['users']['num_users']:,} users" if "users" in m else ""
+    print(f"{a.out}: {m['num_tokens']:,} tokens in {len(m['shards'])} shard(s), dtype {m['dtype']}{users}")
     return 0
 
 
@@ -60,7 +67,8 @@ def _prepare_sft(a: argparse.Namespace) -> int:
 
     # These options describe plain-text shards; silently ignoring them would surprise.
     for flag, value, default in (("--train-bpe", a.train_bpe, 0), ("--dtype", a.dtype, "auto"),
-                                 ("--text-field", a.text_field, "text"), ("--domain", a.domain, None)):
+                                 ("--text-field", a.text_field, "text"), ("--domain", a.domain, None),
+                                 ("--user-field", a.user_field, None)):
         if value != default:
             raise ValueError(f"{flag} does not apply to --format sft; drop it")
     m = prepare_sft(a.inputs, a.out, load_tokenizer(a.tokenizer), overwrite=a.overwrite, overwrite_flag="--overwrite")

@@ -113,6 +113,7 @@ ACCOUNTANTS = ("rdp", "prv")
 
 
 CLIPPING = ("auto", "book_keeping", "per_unit_backward")  # privacy.clipping (train/privacy.private_gradient)
+PRIVACY_UNITS = ("window", "document", "user")  # privacy.unit (data/units.py)
 
 
 @dataclass
@@ -138,7 +139,9 @@ class PrivacyConfig:
     # (book-keeping where the model qualifies: only experts and routers train, no auxiliary loss).
     clipping: str = "auto"
     # What one guarantee protects: one training window, or one document (the stretch of the data
-    # ending in eos), cut into windows of its own and truncated after max_unit_windows of them.
+    # ending in eos), cut into windows of its own and truncated after max_unit_windows of them, or
+    # one user (all their documents, each cut so; max_unit_windows in all; needs data prepared
+    # with prepare-data --user-field).
     unit: str = "window"
     max_unit_windows: int = 8
 
@@ -153,7 +156,7 @@ class PrivacyConfig:
              "privacy.noise_multiplier=0 gives no privacy; set it > 0, or set privacy.target_epsilon to calibrate it"),
             (self.target_epsilon >= 0, f"privacy.target_epsilon={self.target_epsilon} must be >= 0 (0: no target)"),
             (0 <= self.sampling_rate <= 1, f"privacy.sampling_rate={self.sampling_rate} must be in [0, 1]"),
-            (self.unit in ("window", "document"), f"privacy.unit={self.unit!r} is not window|document"),
+            (self.unit in PRIVACY_UNITS, f"privacy.unit={self.unit!r} is not {'|'.join(PRIVACY_UNITS)}"),
             (self.max_unit_windows >= 1, f"privacy.max_unit_windows={self.max_unit_windows} must be >= 1"),
             (self.clipping in CLIPPING, f"privacy.clipping={self.clipping!r} is not {'|'.join(CLIPPING)}"),
         ]

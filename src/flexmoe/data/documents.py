@@ -79,7 +79,8 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8 or drop it from the inputs") from e
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) of each non-blank line."""
     with open(path, encoding="utf-8-sig") as f:
         try:
             for lineno, line in enumerate(f, start=1):
@@ -89,9 +90,41 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                     record = json.loads(line)
                 except ValueError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e}); fix or remove the line") from e
-                yield record_text(record, text_field, f"{path}:{lineno}")
+                yield lineno, record
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text; convert it to UTF-8 or drop it from the inputs") from e
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, record in _jsonl_records(path):
+        yield record_text(record, text_field, f"{path}:{lineno}")
+
+
+def iter_user_documents(path: str | Path, *, text_field: str = "text", user_field: str) -> Iterator[tuple[str, str]]:
+    """Yield (document, user key) for each document of one jsonl file, skipping empty documents
+    as `iter_documents` does, so the two yield the same documents in the same order.
+
+    Every record, empty or not, must carry `user_field` as a string or an integer (a record
+    without one is refused, naming the file, the record number and its line). The key is the
+    value as text: a user written once as 7 and once as "7" is one user, which errs towards
+    larger units (a merged unit still protects each person in it; a split one would not).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        raise DataError(f"{path}: --user-field reads a field of jsonl records, and this is not a "
+                        f"{'/'.join(sorted(JSONL_SUFFIXES))} file; convert it to jsonl with the user id in each record")
+    for number, (lineno, record) in enumerate(_jsonl_records(path), start=1):
+        where = f"{path}:{lineno}"
+        text = record_text(record, text_field, where)  # refuses a record that is no JSON object
+        if user_field not in record:
+            raise DataError(f"{where}: record {number} has no user field {user_field!r}; add it to every record, "
+                            "or drop --user-field")
+        value = record[user_field]
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":  # bool: an int, no id
+            raise DataError(f"{where}: record {number}: user field {user_field!r} is {json.dumps(value)[:40]}, not a "
+                            "non-empty string or an integer; fix the record")
+        if text.strip():
+            yield text, str(value)
 
 
 def record_text(record: Any, text_field: str, where: str) -> str:

@@ -15,6 +15,7 @@ SFT_FORMAT = "flexmoe-sft/1"
 MANIFEST_NAME = "manifest.json"
 SHARD_DTYPES = ("uint16", "uint32")
 SFT_FILES = ("tokens.npy", "loss_mask.npy", "doc_starts.npy")
+USER_IDS_NAME = "user_ids.npy"  # prepare-data --user-field: each document's user (privacy.unit=user)
 
 # (resolved path, mtime_ns, size) -> sha256: lets every rank and every reload of the same data
 # skip rehashing gigabytes; any rewrite of a shard changes the key and forces a fresh hash.
@@ -51,6 +52,15 @@ SHARD = Record({
     "sha256": _f(str, rule=sha256_rule),
 })
 
+# prepare-data --user-field: which field named the users, how many there are, and the file of
+# dense per-document ids (0..num_users-1, in stream order)
+USERS = Record({
+    "field": _f(str, rule=lambda v: None if v else "is empty"),
+    "num_users": _f(int, rule=_positive),
+    "path": _f(str, rule=relpath_rule),
+    "sha256": _f(str, rule=sha256_rule),
+})
+
 TOKENS_MANIFEST = Record({
     "format": _f(str, choices=(FORMAT,), version=True),
     "domain": _f(str, None, required=False),
@@ -62,6 +72,7 @@ TOKENS_MANIFEST = Record({
     "eos_id": _f(int, None, required=False, rule=lambda v: None if v is None else _nonneg(v)),
     "shards": _f(list, items=SHARD, rule=lambda v: None if v else "is empty: a prepared directory has shards"),
     "sources": _f(list, required=False),
+    "users": _f(dict, required=False, record=USERS),
 }, open=True)
 
 SFT_MANIFEST = Record({
@@ -130,6 +141,33 @@ def load_manifest(data_dir: str | Path, *, verify: bool = True) -> dict[str, Any
                     f"{shard_path}: sha256 mismatch (manifest says {shard['sha256']}, file has {actual}); re-run prepare-data"
                 )
     return manifest
+
+
+def load_user_ids(data_dir: str | Path, manifest: dict[str, Any], *, verify: bool = True):
+    """The per-document user ids `prepare-data --user-field` wrote (an int64 array of
+    `num_documents` ids in 0..num_users-1), checked against the manifest's `users` record;
+    None when the directory was prepared without user ids."""
+    import numpy as np
+
+    users = manifest.get("users")
+    if users is None:
+        return None
+    data_dir = Path(data_dir)
+    listed_in = data_dir / MANIFEST_NAME
+    path = member_path(data_dir, users["path"], listed_in)
+    if not path.is_file():
+        raise DataError(f"{path}: user ids listed in {listed_in} are missing; re-run prepare-data")
+    if verify and _cached_sha256(path) != users["sha256"]:
+        raise DataError(f"{path}: sha256 mismatch with {listed_in}; re-run prepare-data")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable user ids ({e}); re-run prepare-data") from e
+    n, u = manifest.get("num_documents"), users["num_users"]
+    if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != n or (len(ids) and (ids.min() < 0 or ids.max() >= u)):
+        raise DataError(f"{path}: holds {ids.shape} {ids.dtype} ids, the manifest says {n} documents of {u} users; "
+                        "re-run prepare-data")
+    return ids
 
 
 def _key(path: Path) -> tuple[str, int, int]:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flexmoe.data.documents import expand_inputs, iter_documents
+from flexmoe.data.documents import expand_inputs, iter_documents, iter_user_documents
 from flexmoe.data.errors import DataError
 from flexmoe.io.files import (atomic_write_json, make_temp_dir, check_disjoint, check_output_dir, clean_stale_temps, replace_dir,
                               sha256_file)
-from flexmoe.data.manifest import FORMAT, MANIFEST_NAME, load_manifest
+from flexmoe.data.manifest import FORMAT, MANIFEST_NAME, USER_IDS_NAME, load_manifest
 from flexmoe.data.tokenize import load_tokenizer
 
 __all__ = ["prepare_data", "load_manifest", "choose_dtype"]
@@ -69,6 +70,25 @@ class _ShardWriter:
         self.shards.append({"path": name, "num_tokens": int(len(tokens)), "sha256": sha256_file(path)})
 
 
+class _UserIds:
+    """Dense user ids, 0..U-1 in order of first appearance, one per document written.
+
+    Only the dense ids are kept (in the prepared directory): the raw values of the user field
+    (names, e-mail addresses) are not written anywhere."""
+
+    def __init__(self, field: str):
+        self.field = field
+        self.index: dict[str, int] = {}
+        self.ids = array("q")
+
+    def take(self, pairs: Iterable[tuple[str, str]]) -> Iterator[str]:
+        """The documents of (document, user key) pairs, recording each one's user as it passes:
+        lazily, so the ids follow exactly the documents the tokenizer receives."""
+        for text, key in pairs:
+            self.ids.append(self.index.setdefault(key, len(self.index)))
+            yield text
+
+
 def _batches(docs, max_docs: int, max_chars: int):
     batch: list[str] = []
     chars = 0
@@ -104,15 +124,19 @@ class _Progress:
 
 
 def _tokenize_files(
-    files: list[Path], tokenizer: Any, writer: _ShardWriter, tail: list[int], progress: _Progress, **doc_kw: Any
+    files: list[Path], tokenizer: Any, writer: _ShardWriter, tail: list[int], progress: _Progress,
+    users: _UserIds | None = None, **doc_kw: Any
 ) -> tuple[int, int, list[dict[str, Any]]]:
-    """Stream every document of `files` through the tokenizer into `writer`."""
+    """Stream every document of `files` through the tokenizer into `writer` (and, with `users`,
+    each document's user into it)."""
     encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda texts: [tokenizer.encode(t) for t in texts])
     vocab_size = int(tokenizer.vocab_size)
     num_tokens = num_documents = 0
     sources = []
     for done, path in enumerate(files):
-        for batch in _batches(iter_documents(path, **doc_kw), _BATCH_DOCS, _BATCH_CHARS):
+        docs = iter_documents(path, **doc_kw) if users is None else users.take(
+            iter_user_documents(path, text_field=doc_kw["text_field"], user_field=users.field))
+        for batch in _batches(docs, _BATCH_DOCS, _BATCH_CHARS):
             ids: list[int] = []
             for doc_ids in encode_batch(batch):
                 ids.extend(doc_ids)
@@ -121,6 +145,11 @@ def _tokenize_files(
             bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
             if bad.size:
                 raise DataError(f"{path}: tokenizer {tokenizer!r} produced id {int(bad[0])} outside vocab_size {vocab_size}; fix the tokenizer")
+            if users is not None and int((tokens == tail[0]).sum()) != len(batch):
+                # user ids are matched to documents by counting eos-terminated stretches
+                # (data/units.py): an eos inside a text would shift every later document's user
+                raise DataError(f"{path}: a document's text tokenizes to the eos id {tail[0]} itself, which would split "
+                                "it and misalign the user ids; remove the end-of-text marker from the text")
             writer.add(tokens)
             num_tokens += int(tokens.size)
             num_documents += len(batch)
@@ -142,6 +171,7 @@ def prepare_data(
     csv_newline_escape: str | None = "\\n",
     append_eos: bool = True,
     domain: str | None = None,
+    user_field: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
     overwrite_flag: str = "overwrite=True",
@@ -155,7 +185,12 @@ def prepare_data(
     half-written dataset. `tokenizer` is a tokenizer object or anything `load_tokenizer`
     accepts. An `out_dir` that is, holds or sits inside an input is refused, and a non-empty one
     unless `overwrite` (`overwrite_flag`: how the caller spells that option, for the message).
-    Returns the manifest.
+
+    `user_field` (jsonl inputs only): the record field holding each document's user id. Each
+    document's user, as a dense id 0..U-1 in order of first appearance, goes to
+    `out_dir/user_ids.npy` (int64, one per document, in stream order), and the manifest's `users`
+    records the field, U, the file and its sha256: the input of `privacy.unit=user`. Every record
+    must carry the field. Returns the manifest.
     """
     if isinstance(tokenizer, (str, Path, dict)):
         tokenizer = load_tokenizer(tokenizer)
@@ -165,6 +200,9 @@ def prepare_data(
     eos_id = getattr(tokenizer, "eos_id", None)
     if append_eos and eos_id is None:
         raise DataError(f"tokenizer {tokenizer!r} has no eos token; pass append_eos=False or use a tokenizer with one")
+    if user_field is not None and not (append_eos and user_field):
+        raise DataError("user_field needs a non-empty field name and append_eos=True: user ids are matched to the "
+                        "documents the eos after each one delimits")
     out_dir, inputs = Path(out_dir).expanduser(), list(inputs)
     # Inputs first, as given and as expanded: `prepare-data corpus --out corpus --overwrite`
     # would otherwise replace the corpus with its own shards.
@@ -179,12 +217,14 @@ def prepare_data(
     shown = _Progress(progress, len(files))
     try:
         writer = _ShardWriter(tmp, np_dtype, shard_tokens)
+        users = _UserIds(user_field) if user_field is not None else None
         num_tokens, num_documents, sources = _tokenize_files(
             files,
             tokenizer,
             writer,
             [eos_id] if append_eos else [],
             shown,
+            users,
             text_field=text_field,
             csv_fields=csv_fields,
             csv_newline_escape=csv_newline_escape,
@@ -205,6 +245,8 @@ def prepare_data(
             "shards": writer.close(),
             "sources": sources,
         }
+        if users is not None:
+            manifest["users"] = _write_user_ids(tmp, users, num_documents)
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         check_output_dir(out_dir, overwrite, overwrite_flag, DataError)  # someone may have written there meanwhile
         replace_dir(tmp, out_dir)
@@ -213,3 +255,12 @@ def prepare_data(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _write_user_ids(out: Path, users: _UserIds, num_documents: int) -> dict[str, Any]:
+    """`out/user_ids.npy` (no pickle: a plain int64 array) and the manifest's `users` record."""
+    if len(users.ids) != num_documents:  # the tokenizer loop wrote a document without its user: a bug
+        raise RuntimeError(f"{len(users.ids)} user ids for {num_documents} documents")
+    path = out / USER_IDS_NAME
+    np.save(path, np.frombuffer(users.ids, dtype=np.int64), allow_pickle=False)
+    return {"field": users.field, "num_users": len(users.index), "path": USER_IDS_NAME, "sha256": sha256_file(path)}

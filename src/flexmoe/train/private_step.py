@@ -11,7 +11,9 @@ same batches and the same noise as one that never stopped, and reports the same 
 The privacy unit (`privacy.unit`, data/units.py) is one training window (`data.seq_len + 1`
 tokens; a document spanning k windows is then protected with group privacy, roughly k times
 epsilon) or one document: each document is cut into windows of its own, its windows' gradients
-are summed before clipping, and documents, not windows, are Poisson-sampled.
+are summed before clipping, and documents, not windows, are Poisson-sampled. `privacy.unit=user`
+does the same with all of one user's documents as the unit (data prepared with prepare-data
+--user-field).
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def check_private_run(cfg) -> None:
     if cfg.stage.public_mix > 0:
         raise ValueError("stage.public_mix > 0 with privacy.enabled=true: DP training samples only the owner's data; "
                          "set stage.public_mix=0")
+    if cfg.privacy.unit == "user":  # the manifest alone tells; read it now rather than after the model is built
+        from flexmoe.data.errors import DataError
+        from flexmoe.data.manifest import read_manifest_record
+        from flexmoe.data.units import no_user_ids
+
+        (path,) = cfg.data.train.values()
+        if "users" not in read_manifest_record(path):
+            raise DataError(no_user_ids(path))
 
 
 class PrivateStep:
@@ -86,15 +96,15 @@ class PrivateStep:
                                 max_windows=pc.max_unit_windows, pad_id=getattr(model.cfg, "pad_token_id", None),
                                 eos_id=getattr(model.cfg, "eos_token_id", None))
         n = self.num_units = len(self.units)
-        # data.batch_size counts units: windows, or documents under privacy.unit=document
+        # data.batch_size counts units: windows, or documents (users) under privacy.unit=document (user)
         self.q = pc.sampling_rate or min(1.0, cfg.data.batch_size / n)
         if pc.delta >= 1 / n:
             raise ValueError(f"privacy.delta={pc.delta:g} must be below 1/{n} (one over the number of "
                              f"training {pc.unit}s); lower it")
         if self.units.tokens_dropped:
-            log.warning(f"privacy.unit=document: {self.units.tokens_dropped:,} of "
+            log.warning(f"privacy.unit={pc.unit}: {self.units.tokens_dropped:,} of "
                         f"{self.units.tokens_dropped + self.units.tokens_kept:,} tokens lie past "
-                        f"privacy.max_unit_windows={pc.max_unit_windows} windows of their document and are not trained on")
+                        f"privacy.max_unit_windows={pc.max_unit_windows} windows of their {pc.unit} and are not trained on")
         self.sigma = pc.noise_multiplier or calibrate_noise(pc.target_epsilon, pc.delta, self.q, cfg.trainer.steps,
                                                             pc.accountant)
         self.steps = cfg.trainer.steps
