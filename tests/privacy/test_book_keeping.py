@@ -100,3 +100,57 @@ def test_unsupported_models_fall_back_or_refuse():
     lb = Transformer(CFG.replace(lb_loss_weight=0.01))
     apply_freeze_plan(lb, PLANS["expert_anchor"])
     assert "auxiliary" in ghost.supported(lb, [p for p in lb.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("bias", ["trainable", "frozen"])
+def test_book_keeping_equals_the_reference_with_cosine_routing(bias):
+    """The routers' per-unit gradients come from one batched VJP through model/moe.router_logits,
+    whatever that computes: here cosine logits, with the bias trained or frozen."""
+    cfg = CFG.replace(router_cosine_temp=0.3)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.reset_parameters(seed=0)
+    with torch.no_grad():
+        for m in model.moe_layers():
+            m.router.weight.normal_(0, 0.5)
+            m.router.bias.uniform_(-0.5, 0.0)
+    apply_freeze_plan(model, PLANS["expert_anchor"])
+    if bias == "frozen":
+        for m in model.moe_layers():
+            m.router.bias.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert ghost.supported(model, params) is None
+    masks, batch, units = trainable_masks(params), _batch(), UNITS["document"]
+    raw = list(clipped_sample_grads(model, batch, params, float("inf"), masks, unit_of_window=units))
+    clip = float(np.median([n for _, n, _ in raw]))
+    got, norms, _ = ghost.book_keeping_grads(model, batch, units, 4, params, clip, masks)
+    np.testing.assert_allclose(norms.numpy(), [n for _, n, _ in raw], rtol=1e-5)
+    ref = [sum(gs[j] for gs, _, _ in clipped_sample_grads(model, batch, params, clip, masks, unit_of_window=units))
+           for j in range(len(params))]
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep_bytes", [ghost.KEEP_BYTES, 12_000, 2_000])
+def test_unit_norms_batched_in_chunks_equal_a_loop_over_units(monkeypatch, keep_bytes):
+    """_unit_sq_norms on rows out of unit order, of uneven counts (one unit empty), by the ghost
+    norm (few rows) and the materialised product (many), in one chunk or in chunks of few units;
+    and the per-unit products it keeps for the clipped sum when every unit was materialised."""
+    monkeypatch.setattr(ghost, "KEEP_BYTES", keep_bytes)
+    gen = torch.Generator().manual_seed(0)
+    counts = [3, 0, 40, 7, 40, 1, 25]  # 24 + 16 columns: more than 9 rows are materialised
+    unit_N = torch.tensor([u for u, n in enumerate(counts) for _ in range(n)])
+    unit_N = unit_N[torch.randperm(len(unit_N), generator=gen)]
+    G, A = torch.randn(len(unit_N), 24, generator=gen), torch.randn(len(unit_N), 16, generator=gen)
+    want = torch.stack([G[unit_N == u].T @ A[unit_N == u] for u in range(len(counts))])
+    norms, kept = ghost._unit_sq_norms(G, A, unit_N, len(counts))
+    torch.testing.assert_close(norms, want.double().square().sum((1, 2)), rtol=1e-6, atol=0)
+    assert kept is None
+    many = (unit_N == 2) | (unit_N == 4) | (unit_N == 6)
+    norms, kept = ghost._unit_sq_norms(G[many], A[many], unit_N[many], len(counts))
+    want[[0, 1, 3, 5]] = 0
+    torch.testing.assert_close(norms, want.double().square().sum((1, 2)), rtol=1e-6, atol=0)
+    if len(counts) * want[0].numel() * 4 <= keep_bytes:
+        torch.testing.assert_close(kept, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert kept is None

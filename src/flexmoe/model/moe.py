@@ -114,6 +114,11 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.up_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        # Opt-in capture point for DP book-keeping clipping (train/ghost.py): a list makes forward
+        # run the per-expert loop and append, per trainable expert, (slot, x rows, gate and up
+        # pre-activations, SwiGLU intermediate, output): tensors autograd keeps for the backward
+        # anyway, from which per-unit weight gradients are assembled without recomputing them.
+        self.capture: list | None = None
 
     # --- frozen slots --------------------------------------------------------------------------
     def freeze_leading(self, n: int) -> None:
@@ -176,7 +181,8 @@ class GroupedExperts(nn.Module):
 
         Under expert parallelism the hooks hand in this rank's experts only: the frozen slots
         (replicated on every rank) first, then the local part of the trainable stack."""
-        if self._use_grouped(x_ND):
+        # the grouped GEMMs' intermediates live inside one autograd.Function: a capture needs the loop's
+        if self.capture is None and self._use_grouped(x_ND):
             return self._grouped(x_ND, counts_E)
         outs = []
         # An expert without tokens still runs (on zero rows, at no cost) so every weight gets a
@@ -185,8 +191,11 @@ class GroupedExperts(nn.Module):
         for e, x_e in enumerate(torch.split(x_ND, counts_E.tolist())):
             # as_compute: a frozen slot kept in its stored dtype (bf16) computes as its fp32 copy would
             w = {n: as_compute(self.slot(n, e), x_e) for n in EXPERT_WEIGHTS}
-            h = F.silu(F.linear(x_e, w["gate_proj"])) * F.linear(x_e, w["up_proj"])
+            g, u = F.linear(x_e, w["gate_proj"]), F.linear(x_e, w["up_proj"])
+            h = F.silu(g) * u
             outs.append(F.linear(h, w["down_proj"]))
+            if self.capture is not None and e >= self.num_frozen:
+                self.capture.append((e - self.num_frozen, x_e, g, u, h, outs[-1]))
         if not outs:
             return x_ND.new_zeros(x_ND.shape)
         return torch.cat(outs)

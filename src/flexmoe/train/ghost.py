@@ -10,14 +10,19 @@ trainable tensor's per-unit gradient is assembled from what that pass already co
   gradient is sum_rows grad_out_row (x) input_row over the rows the dispatch gave that expert,
   and each row is one token of one window, so of one unit. Its squared norm per unit is either
   the "ghost norm" sum((G G^T) * (A A^T)) over that unit's rows (n^2 (in + out) work) or the
-  materialised n x in x out product, whichever is cheaper for that block. The clipped sum is
-  then one matmul with every row's output gradient scaled by its unit's c_u.
-- router rows and biases: tiny, so each unit's gradient is materialised (one vector-Jacobian
-  product of the router's logits per unit) and the rows the freeze plan keeps fixed are masked.
+  materialised n x in x out product, whichever is cheaper for that unit, each as batched
+  matmuls over the units' zero-padded row blocks. The clipped sum is then the c_u-weighted sum
+  of the materialised products where every unit's was kept, else one matmul with every row's
+  output gradient scaled by its unit's c_u.
+- router rows and biases: tiny, so each unit's gradient is materialised (one batched
+  vector-Jacobian product of the router's logits, `vmap`ped over units) and the rows the freeze
+  plan keeps fixed are masked.
 
-The output gradients come from one `torch.autograd.grad` over the experts' outputs and the router
-logits; the experts' SwiGLU intermediates are recomputed from their (saved) inputs, which costs
-one forward of the trainable experts and no backward through the rest of the model.
+The rows (x) and pre-activations (gate, up, SwiGLU intermediate) of the trainable experts are the
+forward's own tensors, kept by GroupedExperts' opt-in capture point (which runs the per-expert
+loop, whose intermediates are graph tensors). The output gradients of gate, up, down and of the
+router logits come from one `torch.autograd.grad` over those tensors: the backward of ordinary
+training without its weight gradients, and nothing recomputed.
 
 Token -> unit: row r of an MoE layer's expert input is token `argsort(top_idx)[r] // k` of the
 flattened batch (the dispatch's stable sort, recomputed from the router's output), token t lies
@@ -31,7 +36,8 @@ whether a model qualifies; the caller falls back to the reference otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -68,13 +74,15 @@ class _Layer:
     x_TD: torch.Tensor | None = None  # router input
     logits_TE: torch.Tensor | None = None
     top_idx_TK: torch.Tensor | None = None
-    x_ND: torch.Tensor | None = None  # expert input rows, sorted by expert
-    counts_E: torch.Tensor | None = None
-    y_ND: torch.Tensor | None = None  # expert output rows
+    counts_E: torch.Tensor | None = None  # expert input rows per expert
+    # per trainable expert: (slot, x rows, gate and up pre-activations, SwiGLU intermediate, output),
+    # from GroupedExperts' capture point; past the backward, (slot, x rows, SwiGLU intermediate)
+    experts: list = field(default_factory=list)
 
 
 class _Capture:
-    """Forward hooks that keep, per MoE layer, what the per-unit gradients are assembled from."""
+    """Forward hooks and the experts' capture points that keep, per MoE layer, what the per-unit
+    gradients are assembled from."""
 
     def __init__(self, model):
         self.layers = [_Layer(m) for m in model.modules() if isinstance(m, MoE)]
@@ -82,6 +90,8 @@ class _Capture:
         for rec in self.layers:
             self._handles.append(rec.moe.router.register_forward_hook(self._router_hook(rec)))
             self._handles.append(rec.moe.experts.register_forward_hook(self._experts_hook(rec)))
+            if rec.moe.experts.gate_proj.requires_grad:
+                rec.moe.experts.capture = rec.experts
 
     @staticmethod
     def _router_hook(rec: _Layer):
@@ -92,58 +102,83 @@ class _Capture:
     @staticmethod
     def _experts_hook(rec: _Layer):
         def hook(_mod, args, out):
-            rec.x_ND, rec.counts_E, rec.y_ND = args[0].detach(), args[1], out
+            rec.counts_E = args[1]
         return hook
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+        for rec in self.layers:
+            rec.moe.experts.capture = None
 
 
-KEEP_BYTES = 64 << 20  # per weight: per-unit gradients up to this size are kept for the clipped sum
+KEEP_BYTES = 64 << 20  # per weight: per-unit gradients up to this size are kept for the clipped sum;
+# also the most one batched product of _unit_sq_norms holds (its padded blocks and result)
 
 
 def _unit_sq_norms(G_NO: torch.Tensor, A_NI: torch.Tensor, unit_N: torch.Tensor, num_units: int
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per unit u, |sum_{rows of u} G_row (x) A_row|_F^2 in float64: the ghost norm where a unit's
-    rows are few, the materialised product where they are many. Second: the per-unit products
-    `[U, O, I]` when every unit's was materialised and they fit in KEEP_BYTES (the clipped sum is
-    then their weighted sum instead of one more pass over the rows), else None."""
+    rows are few, the materialised product where they are many, each as batched matmuls over
+    units' row blocks (zero-padded to the longest of a chunk; units sorted by row count, so the
+    padding stays small). Second: the per-unit products `[U, O, I]` when every unit's was
+    materialised and they fit in KEEP_BYTES (the clipped sum is then their weighted sum instead of
+    one more pass over the rows), else None."""
     out = torch.zeros(num_units, dtype=torch.float64, device=G_NO.device)
     o, i = G_NO.shape[1], A_NI.shape[1]
     if G_NO.shape[0] == 0:
         return out, None
-    order = torch.argsort(unit_N, stable=True)
+    if not bool((unit_N[1:] >= unit_N[:-1]).all()):  # window units need no sort: the dispatch keeps token order
+        order = torch.argsort(unit_N, stable=True)
+        G_NO, A_NI = G_NO[order], A_NI[order]
     counts = torch.bincount(unit_N, minlength=num_units).tolist()
-    G_NO, A_NI = G_NO[order], A_NI[order]
-    keep = num_units * o * i * G_NO.element_size() <= KEEP_BYTES and all(
-        n == 0 or n * (o + i) > o * i for n in counts)
-    kept = G_NO.new_zeros(num_units, o, i) if keep else None
-    start = 0
-    for u, n in enumerate(counts):
-        if n:
-            g, a = G_NO[start:start + n], A_NI[start:start + n]
-            if n * (o + i) <= o * i:
-                out[u] = ((g @ g.T) * (a @ a.T)).sum(dtype=torch.float64)
-            else:
-                prod = g.T @ a
-                out[u] = prod.square().sum(dtype=torch.float64)
-                if kept is not None:
-                    kept[u] = prod
-            start += n
+    starts = [0] + list(itertools.accumulate(counts))[:-1]
+    ghost = [u for u, n in enumerate(counts) if n and n * (o + i) <= o * i]
+    product = [u for u, n in enumerate(counts) if n * (o + i) > o * i]
+    keep = not ghost and num_units * o * i * G_NO.element_size() <= KEEP_BYTES
+    kept = None
+    for units, is_ghost in ((ghost, True), (product, False)):
+        # a unit's padded row blocks, and its two Gram matrices and their product, or its o x i product
+        for chunk, n in _chunks(units, counts, lambda n, gram=is_ghost: (n * (o + i) + (
+                3 * n * n if gram else o * i)) * G_NO.element_size()):
+            g, a = _blocks(G_NO, chunk, starts, counts, n), _blocks(A_NI, chunk, starts, counts, n)
+            idx = torch.tensor(chunk, device=out.device)
+            if is_ghost:
+                gram = torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))
+                out[idx] = gram.sum((1, 2), dtype=torch.float64)
+                continue
+            prod = torch.bmm(g.transpose(1, 2), a)
+            out[idx] = prod.square().sum((1, 2), dtype=torch.float64)
+            if keep and chunk == list(range(num_units)):
+                kept = prod
+            elif keep:
+                kept = G_NO.new_zeros(num_units, o, i) if kept is None else kept
+                kept[idx] = prod
     return out, kept
 
 
-def _swiglu_parts(x_nD, gate, up, down, dy_nD):
-    """(inputs, output grads) of gate, up and down for rows x_nD of one expert, given the expert's
-    output gradient: the SwiGLU forward recomputed, its backward to the pre-activations only."""
-    with torch.enable_grad():
-        g = F.linear(x_nD, gate.detach()).requires_grad_()
-        u = F.linear(x_nD, up.detach()).requires_grad_()
-        h = F.silu(g) * u
-        y = F.linear(h, down.detach())
-        dg, du = torch.autograd.grad(y, [g, u], dy_nD)
-    return ((dg, x_nD), (du, x_nD), (dy_nD, h.detach()))
+def _chunks(units: list[int], counts: list[int], unit_bytes):
+    """(chunk of units, its longest unit's row count): the units by row count, longest first
+    (equal counts in unit order), in chunks whose padded blocks take at most KEEP_BYTES
+    (`unit_bytes(n)` each), at least one unit each."""
+    units = sorted(units, key=lambda u: -counts[u])
+    while units:
+        n = counts[units[0]]
+        k = max(1, KEEP_BYTES // max(1, unit_bytes(n)))
+        yield units[:k], n
+        units = units[k:]
+
+
+def _blocks(X_NC: torch.Tensor, units: list[int], starts: list[int], counts: list[int], n: int) -> torch.Tensor:
+    """`[len(units), n, C]`: each unit's rows of X (contiguous from starts[u]), zero-padded to n;
+    a view when the units are consecutive and all have n rows (window units)."""
+    first = starts[units[0]]
+    if all(counts[u] == n and starts[u] == first + k * n for k, u in enumerate(units)):
+        return X_NC[first:first + len(units) * n].reshape(len(units), n, X_NC.shape[1])
+    out = X_NC.new_zeros(len(units), n, X_NC.shape[1])
+    for k, u in enumerate(units):
+        out[k, :counts[u]] = X_NC[starts[u]:starts[u] + counts[u]]
+    return out
 
 
 def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tensor, num_units: int,
@@ -166,33 +201,39 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
                               reduction="none").view(B, S)
     # each window's loss as the reference's sample_loss computes it
     loss_B = loss_BS.mean(1) if loss_mask is None else (loss_BS * loss_mask.to(loss_BS.dtype)).sum(1) / S
-    wanted = [t for rec in cap.layers for t in (rec.y_ND, rec.logits_TE)]
-    grads = torch.autograd.grad(loss_B.sum(), wanted, allow_unused=True)
+    # the output gradients of every trainable expert's down, gate and up projections and of the
+    # routers' logits, from the one backward (it stops at the first layer's captured tensors)
+    wanted = [t for rec in cap.layers for t in [rec.logits_TE] + [t for _, _, g, u, _, y in rec.experts
+                                                                      for t in (y, g, u)]]
+    grads = iter(torch.autograd.grad(loss_B.sum(), wanted, materialize_grads=True))
+    del wanted  # past the backward only the rows and SwiGLU intermediates are needed: let the rest go
+    for rec in cap.layers:
+        rec.experts[:] = [(s, x.detach(), h.detach()) for s, x, _, _, h, _ in rec.experts]
     unit_of_window = unit_of_window.to(batch_BS.device)
     unit_T = unit_of_window.repeat_interleave(S)
     index = {id(p): j for j, p in enumerate(params)}
     full = {id(p): _full(p) for p in params}  # sharded (FSDP) tensors gathered, in the same order on every rank
     sq = torch.zeros(num_units, dtype=torch.float64, device=batch_BS.device)
     expert_parts, router_parts = [], []
-    for rec, (dy_ND, dlogits_TE) in zip(cap.layers, zip(grads[0::2], grads[1::2])):
+    for rec in cap.layers:
         ex = rec.moe.experts
-        K = rec.top_idx_TK.shape[1]
-        token_N = torch.argsort(rec.top_idx_TK.reshape(-1), stable=True) // K
-        unit_N = unit_T[token_N]
-        if dy_ND is None:
-            dy_ND = torch.zeros_like(rec.y_ND)
-        offsets = [0] + torch.cumsum(rec.counts_E, 0).tolist()
-        if ex.gate_proj.requires_grad:
-            for e in range(ex.num_frozen, ex.num_experts):
-                s, lo, hi = e - ex.num_frozen, offsets[e], offsets[e + 1]
-                parts = _swiglu_parts(rec.x_ND[lo:hi], full[id(ex.gate_proj)][s], full[id(ex.up_proj)][s],
-                                      full[id(ex.down_proj)][s], dy_ND[lo:hi])
-                kept = []
-                for (G, A) in parts:
-                    sq_part, per_unit = _unit_sq_norms(G, A, unit_N[lo:hi], num_units)
-                    sq += sq_part
-                    kept.append(per_unit)
-                expert_parts.append((ex, s, parts, unit_N[lo:hi], kept))
+        dlogits_TE = next(grads)
+        if rec.experts:
+            K = rec.top_idx_TK.shape[1]
+            token_N = torch.argsort(rec.top_idx_TK.reshape(-1), stable=True) // K
+            unit_N = unit_T[token_N]
+            offsets = torch.cumsum(rec.counts_E, 0).tolist()
+        for s, x, h in rec.experts:
+            dy, dg, du = next(grads), next(grads), next(grads)
+            hi = offsets[ex.num_frozen + s]
+            unit_n = unit_N[hi - x.shape[0]:hi]
+            parts = ((dg, x), (du, x), (dy, h))
+            kept = []
+            for (G, A) in parts:
+                sq_part, per_unit = _unit_sq_norms(G, A, unit_n, num_units)
+                sq += sq_part
+                kept.append(per_unit)
+            expert_parts.append((ex, s, parts, unit_n, kept))
         router_params = [p for p in (rec.moe.router.weight, rec.moe.router.bias) if p is not None and p.requires_grad]
         if router_params:
             per_unit = _router_unit_grads(rec, dlogits_TE, unit_T, num_units, [full[id(p)] for p in router_params],
@@ -226,25 +267,36 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 def _router_unit_grads(rec: _Layer, dlogits_TE, unit_T, num_units: int, router_params, masks, *,
                        has_bias: bool) -> list[torch.Tensor]:
     """Per trainable router tensor (given as plain copies: weight, then bias if `has_bias`),
-    `[U, ...]`: each unit's gradient, one vector-Jacobian product of the router's logits over that
-    unit's tokens (any router: plain, cosine, with bias)."""
+    `[U, ...]`: each unit's gradient, the vector-Jacobian product of the router's logits over that
+    unit's tokens (any router: plain, cosine, with bias). Batched: every unit of a chunk gets its
+    own copy of the router tensors and its tokens as one zero-padded block (padding rows carry a
+    zero logit gradient), and `vmap` over router_logits turns one VJP into all of theirs."""
     router = rec.moe.router
     out = [torch.zeros(num_units, *p.shape, dtype=p.dtype, device=p.device) for p in router_params]
-    leaves = [p.detach().requires_grad_() for p in router_params]
-    weight = leaves[0] if router.weight.requires_grad else _full(router.weight)
-    bias = None if router.bias is None else (leaves[-1] if has_bias else _full(router.bias))
     if dlogits_TE is None:
         return out
     # -inf (masked) logits have zero gradient; the recomputed logits there are finite
     dlogits_TE = torch.nan_to_num(dlogits_TE, nan=0.0, posinf=0.0, neginf=0.0)
-    for u in range(num_units):
-        rows = (unit_T == u).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
+    x_TD = rec.x_TD
+    if not bool((unit_T[1:] >= unit_T[:-1]).all()):
+        order = torch.argsort(unit_T, stable=True)
+        x_TD, dlogits_TE = x_TD[order], dlogits_TE[order]
+    counts = torch.bincount(unit_T, minlength=num_units).tolist()
+    starts = [0] + list(itertools.accumulate(counts))[:-1]
+    D, E = x_TD.shape[1], dlogits_TE.shape[1]
+    row_bytes = (D + 2 * E) * x_TD.element_size()
+    for chunk, n in _chunks([u for u, c in enumerate(counts) if c], counts, lambda n: n * row_bytes):
+        leaves = [p.detach().expand(len(chunk), *p.shape).clone().requires_grad_() for p in router_params]
+        weight = leaves[0] if router.weight.requires_grad else _full(router.weight)
+        bias = None if router.bias is None else (leaves[-1] if has_bias else _full(router.bias))
+        per_unit = torch.func.vmap(router_logits, in_dims=(0, 0 if router.weight.requires_grad else None,
+                                                           0 if has_bias else None, None))
         with torch.enable_grad():
-            logits = router_logits(rec.x_TD[rows], weight, bias, router.cosine_temp)
-            gs = torch.autograd.grad(logits, leaves, dlogits_TE[rows], allow_unused=True)
-        for j, (g, m) in enumerate(zip(gs, masks)):
+            logits = per_unit(_blocks(x_TD, chunk, starts, counts, n), weight, bias, router.cosine_temp)
+            gs = torch.autograd.grad(logits, leaves, _blocks(dlogits_TE, chunk, starts, counts, n),
+                                     allow_unused=True)
+        idx = torch.tensor(chunk, device=x_TD.device)
+        for o, g, m in zip(out, gs, masks):
             if g is not None:
-                out[j][u] = g * m if m is not None else g
+                o[idx] = g * m if m is not None else g
     return out
