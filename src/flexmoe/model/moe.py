@@ -119,6 +119,9 @@ class GroupedExperts(nn.Module):
         # pre-activations, SwiGLU intermediate, output): tensors autograd keeps for the backward
         # anyway, from which per-unit weight gradients are assembled without recomputing them.
         self.capture: list | None = None
+        # Opt-in with `capture`: a tag per input row (its DP unit), set by a forward pre-hook before
+        # the expert-parallel dispatch, which then moves each row's tag with the row (parallel/expert.py)
+        self.row_tags: torch.Tensor | None = None
 
     # --- frozen slots --------------------------------------------------------------------------
     def freeze_leading(self, n: int) -> None:

@@ -137,6 +137,11 @@ class ExpertParallel(ParallelStyle):
             x_in = _AllToAll.apply(x_ND[n_stay:], recv_tok, send_tok, self.ep_group)
             perm = _source_to_expert_order(recv_SL)
             x_ND = torch.cat([x_ND[:n_stay], x_in[perm]])
+            tags = module.row_tags  # DP clipping only (train/ghost.py): each row's unit travels with it
+            if tags is not None:
+                tags_in = tags.new_empty(sum(recv_tok))
+                dist.all_to_all_single(tags_in, tags[n_stay:].contiguous(), recv_tok, send_tok, group=self.ep_group)
+                module.row_tags = torch.cat([tags[:n_stay], tags_in[perm]])
             counts_E = torch.cat([counts_E[:nf], recv_SL.sum(0)])
             ctx = (n_stay, torch.argsort(perm), send_tok, recv_tok)
         if self.tp_group is not None:

@@ -61,10 +61,6 @@ def supported(model, params: Sequence[torch.nn.Parameter]) -> str | None:
     other = [p for p in params if id(p) not in covered]
     if other:
         return f"{len(other)} trainable tensors outside the experts and routers (freeze plan trains shared layers)"
-    for m in moes:
-        w = m.experts.gate_proj
-        if isinstance(w, DTensor) and w.device_mesh.ndim != 1:
-            return "the experts are laid out on a multi-dimensional mesh (tensor or expert parallelism)"
     return None
 
 
@@ -75,6 +71,7 @@ class _Layer:
     logits_TE: torch.Tensor | None = None
     top_idx_TK: torch.Tensor | None = None
     counts_E: torch.Tensor | None = None  # expert input rows per expert
+    tags_N: torch.Tensor | None = None  # each expert input row's unit (moved by the expert-parallel dispatch)
     # per trainable expert: (slot, x rows, gate and up pre-activations, SwiGLU intermediate, output),
     # from GroupedExperts' capture point; past the backward, (slot, x rows, SwiGLU intermediate)
     experts: list = field(default_factory=list)
@@ -84,11 +81,13 @@ class _Capture:
     """Forward hooks and the experts' capture points that keep, per MoE layer, what the per-unit
     gradients are assembled from."""
 
-    def __init__(self, model):
+    def __init__(self, model, unit_T: torch.Tensor):
         self.layers = [_Layer(m) for m in model.modules() if isinstance(m, MoE)]
         self._handles = []
         for rec in self.layers:
             self._handles.append(rec.moe.router.register_forward_hook(self._router_hook(rec)))
+            # first, before an expert-parallel dispatch hook: it then carries the tags with the rows
+            self._handles.append(rec.moe.experts.register_forward_pre_hook(self._tag_hook(rec, unit_T), prepend=True))
             self._handles.append(rec.moe.experts.register_forward_hook(self._experts_hook(rec)))
             if rec.moe.experts.gate_proj.requires_grad:
                 rec.moe.experts.capture = rec.experts
@@ -100,9 +99,17 @@ class _Capture:
         return hook
 
     @staticmethod
+    def _tag_hook(rec: _Layer, unit_T: torch.Tensor):
+        def hook(mod, args):
+            # MoE.forward's dispatch order: row r is token argsort(top_idx)[r] // k (a stable sort)
+            K = rec.top_idx_TK.shape[1]
+            mod.row_tags = unit_T[torch.argsort(rec.top_idx_TK.reshape(-1), stable=True) // K]
+        return hook
+
+    @staticmethod
     def _experts_hook(rec: _Layer):
-        def hook(_mod, args, out):
-            rec.counts_E = args[1]
+        def hook(mod, args, out):
+            rec.counts_E, rec.tags_N, mod.row_tags = args[1], mod.row_tags, None
         return hook
 
     def close(self) -> None:
@@ -110,6 +117,7 @@ class _Capture:
             h.remove()
         for rec in self.layers:
             rec.moe.experts.capture = None
+            rec.moe.experts.row_tags = None
 
 
 KEEP_BYTES = 64 << 20  # per weight: per-unit gradients up to this size are kept for the clipped sum;
@@ -184,14 +192,27 @@ def _blocks(X_NC: torch.Tensor, units: list[int], starts: list[int], counts: lis
 def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tensor, num_units: int,
                        params: Sequence[torch.nn.Parameter], max_grad_norm: float,
                        masks: Sequence[torch.Tensor | None], expert_mask: torch.Tensor | None = None,
-                       loss_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+                       loss_mask: torch.Tensor | None = None, *, count_router: bool = True
+                       ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(sum over units of each unit's gradient scaled to norm <= max_grad_norm, per-unit norms before
     clipping [U] (float64), per-window losses [B]), for `params` in their order. Frozen coordinates
     (masks) are zero and do not count in the norms. `loss_mask` `[B, S]`: the targets that train
-    (a window's loss is then their sum over S, as privacy.sample_loss computes it)."""
+    (a window's loss is then their sum over S, as privacy.sample_loss computes it).
+
+    Under torch.distributed every rank passes its own windows with unit ids global to the step
+    (0..num_units-1 over all ranks). Each rank adds the squared norms of the gradient pieces it
+    computes: the router's for its own tokens (`count_router`: False on all but one rank of a
+    group that computes the same tokens, the tensor-parallel ranks), and the expert weights' it
+    holds (an ep rank's experts, a tp rank's d_ff slice) for every row they received, whatever the
+    rank it came from; the squares are summed over ranks, so every rank gets every unit's norm.
+    The returned sums are full tensors holding this rank's pieces only (zero elsewhere): their sum
+    over ranks is the clipped sum."""
+    import torch.distributed as dist
+
     B, S1 = batch_BS.shape
     S = S1 - 1
-    cap = _Capture(model)
+    unit_T = unit_of_window.to(batch_BS.device).repeat_interleave(S)
+    cap = _Capture(model, unit_T)
     try:
         out = model(batch_BS[:, :-1], expert_mask)
     finally:
@@ -209,24 +230,19 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
     del wanted  # past the backward only the rows and SwiGLU intermediates are needed: let the rest go
     for rec in cap.layers:
         rec.experts[:] = [(s, x.detach(), h.detach()) for s, x, _, _, h, _ in rec.experts]
-    unit_of_window = unit_of_window.to(batch_BS.device)
-    unit_T = unit_of_window.repeat_interleave(S)
     index = {id(p): j for j, p in enumerate(params)}
-    full = {id(p): _full(p) for p in params}  # sharded (FSDP) tensors gathered, in the same order on every rank
+    full = {id(p): _full(p) for p in params}  # sharded tensors gathered, in the same order on every rank
     sq = torch.zeros(num_units, dtype=torch.float64, device=batch_BS.device)
     expert_parts, router_parts = [], []
     for rec in cap.layers:
         ex = rec.moe.experts
         dlogits_TE = next(grads)
         if rec.experts:
-            K = rec.top_idx_TK.shape[1]
-            token_N = torch.argsort(rec.top_idx_TK.reshape(-1), stable=True) // K
-            unit_N = unit_T[token_N]
             offsets = torch.cumsum(rec.counts_E, 0).tolist()
         for s, x, h in rec.experts:
             dy, dg, du = next(grads), next(grads), next(grads)
             hi = offsets[ex.num_frozen + s]
-            unit_n = unit_N[hi - x.shape[0]:hi]
+            unit_n = rec.tags_N[hi - x.shape[0]:hi]
             parts = ((dg, x), (du, x), (dy, h))
             kept = []
             for (G, A) in parts:
@@ -239,23 +255,46 @@ def book_keeping_grads(model, batch_BS: torch.Tensor, unit_of_window: torch.Tens
             per_unit = _router_unit_grads(rec, dlogits_TE, unit_T, num_units, [full[id(p)] for p in router_params],
                                           [masks[index[id(p)]] for p in router_params],
                                           has_bias=rec.moe.router.bias is not None and rec.moe.router.bias.requires_grad)
-            for g in per_unit:
-                sq += g.double().square().flatten(1).sum(1)
-            router_parts.append((router_params, per_unit))
+            if count_router:
+                for g in per_unit:
+                    sq += g.double().square().flatten(1).sum(1)
+                router_parts.append((router_params, per_unit))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sq)
     norms = sq.sqrt()
     scale = torch.clamp(max_grad_norm / (norms + 1e-6), max=1.0)  # the reference's min(1, C / (norm + 1e-6))
     total = [torch.zeros_like(full[id(p)]) for p in params]
     for ex, s, parts, unit_n, kept in expert_parts:
         c = scale[unit_n].to(parts[0][0].dtype)[:, None]
         for name, (G, A), per_unit in zip(("gate_proj", "up_proj", "down_proj"), parts, kept):
+            w = getattr(ex, name)
+            block = total[index[id(w)]][_expert_block(w, name)]  # this rank's experts and d_ff slice: a view
             if per_unit is not None:  # sum_u c_u G_u from the products the norms already made
-                total[index[id(getattr(ex, name))]][s] += torch.einsum("u,uoi->oi", scale.to(per_unit.dtype), per_unit)
+                block[s] += torch.einsum("u,uoi->oi", scale.to(per_unit.dtype), per_unit)
             else:
-                total[index[id(getattr(ex, name))]][s] += (G * c).T @ A
+                block[s] += (G * c).T @ A
     for router_params, per_unit in router_parts:
         for p, g in zip(router_params, per_unit):
             total[index[id(p)]] += torch.einsum("u,u...->...", scale.to(g.dtype), g)
     return total, norms, loss_B.detach()
+
+
+def _expert_block(w: torch.Tensor, name: str) -> tuple[slice, ...]:
+    """The part of the full expert stack `w` that this rank computes with in forward: under expert
+    parallelism its experts (dim 0 over `ep`), under tensor parallelism its d_ff slice (gate/up dim
+    1, down dim 2 over `tp`), as parallel/expert.py lays them out (torch.chunk's split); all of it
+    otherwise (FSDP gathers whole stacks for compute)."""
+    from flexmoe.parallel.expert import chunk_sizes
+
+    block = [slice(None)] * w.dim()
+    names = (w.device_mesh.mesh_dim_names or ()) if isinstance(w, DTensor) else ()
+    for axis, dim in (("ep", 0), ("tp", 2 if name == "down_proj" else 1)):
+        if axis in names:
+            i = names.index(axis)
+            sizes = chunk_sizes(w.shape[dim], w.device_mesh.size(i))
+            r = w.device_mesh.get_local_rank(i)
+            block[dim] = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+    return tuple(block)
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,7 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
                      noise_multiplier: float, expected_batch_size: float, generator: torch.Generator,
                      masks: Sequence[torch.Tensor | None] | None = None,
                      unit_of_window: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                     clipping: str = "auto") -> tuple[list[torch.Tensor], dict[str, float]]:
+                     clipping: str = "auto", tp: int = 1) -> tuple[list[torch.Tensor], dict[str, float]]:
     """(sum of clipped per-unit gradients + N(0, (sigma C)^2) on trainable coordinates) divided
     by the expected batch size (in units): Poisson batches vary in size, and dividing by the
     realised size would leak it.
@@ -118,10 +118,18 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
     `per_unit_backward` (the reference: one backward per window), or `auto` (book-keeping where
     the model qualifies, `ghost.supported`).
 
-    Under torch.distributed (data-parallel ranks, FSDP) every rank passes its own windows, whole
-    units only; the clipped sums are added over ranks, the noise (the same draw on every rank, so
-    the one a single process would add) is added once, and each parameter gets its gradient in its
-    own layout (a sharded DTensor's local shard). The stats are the global batch's."""
+    Under torch.distributed (the trainer's mesh: ranks `dp_rank * tp + tp_rank`) every
+    data-parallel rank passes its own windows, whole units only, and the `tp` ranks of one
+    data-parallel group the same ones. Units get ids global to the step (the data-parallel ranks'
+    in rank order); per-unit squared norms are summed over the ranks holding different pieces of
+    the gradient (FSDP: whole tensors per rank's own units; ep: an expert's rows on its rank,
+    whatever rank they came from; tp: d_ff slices, the replicated router counted on one tp rank),
+    the clipped sums are added over ranks, the noise (the same draw on every rank, so the one a
+    single process would add) is added once, and each parameter gets its gradient in its own
+    layout (a sharded DTensor's local shard). The reference runs on every layout too: one
+    forward and backward per window of the global batch on every rank (the window's own
+    data-parallel group computes it, the others run a zero-weighted window for the collectives).
+    The stats are the global batch's."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -138,20 +146,41 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
         raise ValueError(f"privacy.clipping=book_keeping: {why_not}; use privacy.clipping=per_unit_backward")
     method = "per_unit_backward" if clipping == "per_unit_backward" or why_not else "book_keeping"
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world > 1 and method != "book_keeping":
-        raise ValueError(f"privacy.clipping={clipping}: {why_not or 'the reference'} runs one process only (its "
-                         "per-window passes differ in number between ranks); launch without torchrun")
-    dummy = world > 1 and B == 0  # every rank takes part in the sharded forward, with or without windows
-    if dummy:
-        batch_BS = batch_BS.new_zeros(1, batch_BS.shape[1])
-        loss_mask = torch.zeros(1, batch_BS.shape[1] - 1, device=batch_BS.device)
-        units, num_units, B = torch.zeros(1, dtype=torch.long), 1, 1
-    if B and method == "book_keeping":
-        total, norms_t, losses_t = ghost.book_keeping_grads(model, batch_BS, units, num_units, params, max_grad_norm,
-                                                            masks, loss_mask=loss_mask)
-        present = [] if dummy else [u for u in range(num_units) if bool((units == u).any())]
+    rank = dist.get_rank() if world > 1 else 0
+    dp_rank, dp_size, tp_rank = rank // tp, world // tp, rank % tp
+    offset, total_units = 0, num_units
+    if world > 1:  # global unit ids: the data-parallel ranks' units in rank order
+        counts = torch.zeros(dp_size, dtype=torch.long, device=batch_BS.device)
+        if tp_rank == 0:
+            counts[dp_rank] = num_units
+        dist.all_reduce(counts)
+        offset, total_units = int(counts[:dp_rank].sum()), int(counts.sum())
+    if world > 1 and method == "per_unit_backward":
+        total, norms, losses = _reference_on_ranks(model, batch_BS, units + offset, params, max_grad_norm, masks,
+                                                   loss_mask, dp_rank=dp_rank, dp_size=dp_size, tp_rank=tp_rank)
+    elif method == "book_keeping" and (B or world > 1):
+        dummy = B == 0  # every rank takes part in the sharded forward, with or without windows
+        if dummy:  # a zero-weighted window: every gradient it makes is 0
+            batch_BS = batch_BS.new_zeros(1, batch_BS.shape[1])
+            loss_mask = torch.zeros(1, batch_BS.shape[1] - 1, device=batch_BS.device)
+            units = torch.zeros(1, dtype=torch.long)
+        gunits = units + offset if not dummy else units
+        total, norms_t, losses_t = ghost.book_keeping_grads(model, batch_BS, gunits, max(total_units, 1), params,
+                                                            max_grad_norm, masks, loss_mask=loss_mask,
+                                                            count_router=tp_rank == 0)
+        # per unit: its windows' mean loss (as the reference) and whether it has any windows
+        loss_U = torch.zeros(2, max(total_units, 1), dtype=torch.float64, device=batch_BS.device)
+        if not dummy and tp_rank == 0:
+            for u in range(num_units):
+                if bool((units == u).any()):
+                    loss_U[:, u + offset] = torch.stack([losses_t[units == u].double().mean(), loss_U.new_ones(())])
+        if world > 1:
+            for t in total:
+                dist.all_reduce(t)
+            dist.all_reduce(loss_U)
+        present = [u for u in range(total_units) if loss_U[1, u] > 0]
         norms = [float(norms_t[u]) for u in present]
-        losses = [float(losses_t[units == u].mean()) for u in present]  # per unit, as the reference
+        losses = [float(loss_U[0, u]) for u in present]
     else:
         total = [torch.zeros_like(p) for p in params]
         norms, losses = [], []
@@ -161,12 +190,6 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
                 t.add_(g)
             norms.append(norm)
             losses.append(loss)
-    if world > 1:
-        for t in total:
-            dist.all_reduce(t)
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (norms, losses))
-        norms, losses = [n for g in gathered for n in g[0]], [v for g in gathered for v in g[1]]
     std = noise_multiplier * max_grad_norm
     for t, m in zip(total, masks):
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.device, t.dtype) * std
@@ -178,6 +201,65 @@ def private_gradient(model, batch_BS: torch.Tensor, params: Sequence[torch.nn.Pa
              "clipped_fraction": float(np.mean([n > max_grad_norm for n in norms])) if norms else 0.0,
              "clipping": method}
     return total, stats
+
+
+def _reference_on_ranks(model, batch_BS: torch.Tensor, unit_B: torch.Tensor, params, max_grad_norm: float, masks,
+                        loss_mask: torch.Tensor | None, *, dp_rank: int, dp_size: int, tp_rank: int
+                        ) -> tuple[list[torch.Tensor], list[float], list[float]]:
+    """The reference on any layout: (clipped sum as full tensors, the same on every rank; per-unit
+    norms; per-unit losses), all of the global batch. One ordinary forward and backward per window
+    of the global batch, on every rank in the same order: the ranks of the window's data-parallel
+    group run it, the others a window weighted 0 (the sharded forward and backward are collective).
+    Each parameter's gradient is then that one window's (FSDP's mean over data-parallel ranks is
+    undone), gathered whole on every rank; units are summed, clipped and added as in
+    `clipped_sample_grads`."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    world = dist.get_world_size()
+    plan: list = [None] * world
+    dist.all_gather_object(plan, (dp_rank, tp_rank, unit_B.tolist()))
+    ids_of = {r: ids for r, t, ids in plan if t == 0}  # each data-parallel group's windows' units
+    undo = float(dp_size) if isinstance(model, FSDPModule) else 1.0  # FSDP divides by the data-parallel size
+    S1 = batch_BS.shape[1]
+    idle = batch_BS.new_zeros(1, S1)
+    total = [torch.zeros(p.shape, dtype=p.dtype, device=batch_BS.device) for p in params]
+    norms, losses = [], []
+    for grp in range(dp_size):
+        ids = ids_of[grp]
+        for unit in sorted(set(ids)):
+            acc = [torch.zeros_like(t) for t in total]
+            unit_losses = []
+            for b in (b for b in range(len(ids)) if ids[b] == unit):
+                if grp == dp_rank:
+                    loss = sample_loss(model, batch_BS[b:b + 1], None, loss_mask[b:b + 1] if loss_mask is not None
+                                       else None)
+                    loss.backward()
+                    unit_losses.append(float(loss.detach()))
+                else:
+                    (sample_loss(model, idle) * 0).backward()
+                for a, p, m in zip(acc, params, masks):
+                    g = p.grad
+                    if g is not None:
+                        g = g.full_tensor() if isinstance(g, DTensor) else g
+                        a.add_(g * undo * m if m is not None else g * undo)
+                    p.grad = None
+            norm = float(torch.sqrt(sum((g.double().pow(2).sum() for g in acc), torch.zeros((), dtype=torch.float64))))
+            scale = min(1.0, max_grad_norm / (norm + 1e-6))
+            for t, a in zip(total, acc):
+                t.add_(a * scale)
+            norms.append(norm)
+            losses.append(float(np.mean(unit_losses)) if unit_losses else None)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (dp_rank, tp_rank, losses))
+    by_group = {r: ls for r, t, ls in gathered if t == 0}
+    k, out = 0, []
+    for grp in range(dp_size):  # each unit's loss from its own group
+        n = len(set(ids_of[grp]))
+        out += by_group[grp][k:k + n]
+        k += n
+    return total, norms, out
 
 
 def poisson_indices(num_windows: int, sample_rate: float, rng: np.random.Generator) -> np.ndarray:

@@ -40,9 +40,10 @@ def check_private_run(cfg) -> None:
 
     privacy_config_of(cfg)  # validates privacy.* and needs opacus
     par = cfg.parallel
-    if par.tp > 1 or par.ep > 1 or par.dp_replicate > 1:
-        raise ValueError(f"parallel.tp={par.tp} ep={par.ep} dp_replicate={par.dp_replicate} with privacy.enabled=true: "
-                         "DP-SGD runs on one process or on FSDP data-parallel ranks (dp_shard) only; set them to 1")
+    if par.dp_replicate > 1:
+        raise ValueError(f"parallel.dp_replicate={par.dp_replicate} with privacy.enabled=true: DP-SGD runs on FSDP "
+                         "data-parallel ranks (dp_shard), tensor (tp) and expert (ep) parallelism, not HSDP; set "
+                         "parallel.dp_replicate=1")
     if par.ac != "none" or par.compile:
         raise ValueError(f"parallel.ac={par.ac} compile={par.compile} with privacy.enabled=true: DP clipping reads "
                          "each layer's activations once; set parallel.ac=none parallel.compile=false")
@@ -90,6 +91,9 @@ class PrivateStep:
 
         self.cfg, self.model, self.device = cfg, model, device
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # the trainer's mesh (dp_shard, tp), row-major: the tp ranks of a data-parallel group read the same units
+        self.tp = cfg.parallel.tp
+        self.dp_rank, self.dp_size = self.rank // self.tp, self.world // self.tp
         pc = self.pc = privacy_config_of(cfg)
         (self.domain, path), = cfg.data.train.items()
         self.units = open_units(pc.unit, path, cfg.data.seq_len, verify=cfg.data.verify,
@@ -141,14 +145,15 @@ class PrivateStep:
 
     def step(self) -> dict[str, float]:
         """Sample, clip, noise; leaves the gradient in each trainable parameter's `.grad`."""
-        # The global sample, drawn alike on every rank; each rank takes every world-th unit, whole.
-        idx = poisson_indices(self.num_units, self.q, self.rng)[self.rank::self.world]
+        # The global sample, drawn alike on every rank; each data-parallel rank takes every
+        # dp_size-th unit, whole (its tp ranks the same ones).
+        idx = poisson_indices(self.num_units, self.q, self.rng)[self.dp_rank::self.dp_size]
         tokens, mask, unit = self.units.batch(idx)
         batch = torch.from_numpy(tokens).to(self.device)
         grads, stats = private_gradient(self.model, batch, self.params, max_grad_norm=self.pc.max_grad_norm,
                                         noise_multiplier=self.sigma, expected_batch_size=self.q * self.num_units,
                                         generator=self.gen, masks=self.masks, clipping=self.pc.clipping,
-                                        unit_of_window=torch.from_numpy(unit),
+                                        unit_of_window=torch.from_numpy(unit), tp=self.tp,
                                         loss_mask=torch.from_numpy(mask).to(self.device) if mask is not None else None)
         for p, g in zip(self.params, grads):
             p.grad = g
