@@ -37,12 +37,15 @@ def _same(one, two, path_one, path_two):
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("clipping", ["book_keeping", "per_unit_backward"])
-def test_dp_under_tp_and_ep_equals_one_process(pdata, tmp_path, clipping):
-    one = run_distributed(train_on_rank, 1, [_cfg(pdata, tmp_path / "one", 1, clipping)], timeout=300)[0][0]
-    names = list(LAYOUTS)
-    two = run_distributed(train_on_rank, 2, [_cfg(pdata, tmp_path / n, 2, clipping, **LAYOUTS[n]) for n in names],
-                          timeout=300)
+@pytest.mark.parametrize("clipping,unit,names", [
+    ("book_keeping", "window", ["tp2", "ep2"]),
+    ("per_unit_backward", "window", ["tp2", "ep2"]),
+    ("book_keeping", "document", ["ep2"]),  # a document's windows on one rank, its rows on both
+])
+def test_dp_under_tp_and_ep_equals_one_process(pdata, tmp_path, clipping, unit, names):
+    one = run_distributed(train_on_rank, 1, [_cfg(pdata, tmp_path / "one", 1, clipping, unit)], timeout=300)[0][0]
+    two = run_distributed(train_on_rank, 2, [_cfg(pdata, tmp_path / n, 2, clipping, unit, **LAYOUTS[n])
+                                             for n in names], timeout=300)
     assert one["dp"]["clipping"] == clipping
     _, init, _ = load_model_dir(pdata["init"])
     _, a, _ = load_model_dir(tmp_path / "one" / "final")

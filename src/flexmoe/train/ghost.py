@@ -26,7 +26,14 @@ training without its weight gradients, and nothing recomputed.
 
 Token -> unit: row r of an MoE layer's expert input is token `argsort(top_idx)[r] // k` of the
 flattened batch (the dispatch's stable sort, recomputed from the router's output), token t lies
-in window t // S, and window b belongs to unit `unit_of_window[b]`.
+in window t // S, and window b belongs to unit `unit_of_window[b]`. A pre-hook hands each row's
+unit to the experts (`GroupedExperts.row_tags`) before an expert-parallel dispatch, which sends
+the tags with the rows, so the rank holding an expert knows the unit of every row it received.
+
+Parallel layouts: unit ids are global to the step; each rank adds the squared norms of the pieces
+it computes (its experts' rows, its tp slice of d_ff, the router on one tp rank) and the squares
+are all-reduced, so every rank has every unit's norm and writes the clipped sum of its own pieces
+into the full tensors the caller adds over ranks (train/privacy.py `private_gradient`).
 
 Exact only when units do not interact, which holds for windows (each is its own sequence) and
 for documents cut into windows of their own; and when the loss is a sum over windows (no
