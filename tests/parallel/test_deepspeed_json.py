@@ -35,7 +35,8 @@ def _cfg(tmp_path, content, **over):
 def test_hf_trainer_auto_values_take_ours(tmp_path):
     out = deepspeed_config(_cfg(tmp_path, HF_TRAINER_JSON), world_size=2)
     assert (out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"], out["train_batch_size"]) == (4, 2, 16)
-    assert out["gradient_clipping"] == 1.0 and out["bf16"] == {"enabled": True} and out["fp16"] == {"enabled": False}
+    # trainer.dtype=bf16 is autocast over fp32 masters: DeepSpeed's bf16 mode (bf16 frozen tensors) stays off
+    assert out["gradient_clipping"] == 1.0 and out["bf16"] == {"enabled": False} and out["fp16"] == {"enabled": False}
     z = out["zero_optimization"]
     assert (z["stage"], z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) \
         == (3, 64 * 64, int(0.9 * 64 * 64), 640)
@@ -48,11 +49,14 @@ def test_hf_trainer_auto_values_take_ours(tmp_path):
     ({"optimizer": {"type": "Lamb"}}, "optimizer.type='Lamb'"),
     ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, "remove 'scheduler'"),
     ({"fp16": {"enabled": True}}, "trainer.dtype=bf16"),
+    ({"bf16": {"enabled": True}, "_dtype": "fp32"}, "set trainer.dtype=bf16"),
     ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, "zero_optimization.sub_group_size"),
 ])
 def test_what_has_no_flexmoe_meaning_is_refused_naming_the_setting(tmp_path, change, needle):
+    change = dict(change)
+    over = {"trainer.dtype": change.pop("_dtype")} if "_dtype" in change else {}
     with pytest.raises(ValueError) as e:
-        deepspeed_config(_cfg(tmp_path, {**HF_TRAINER_JSON, **change}), world_size=2)
+        deepspeed_config(_cfg(tmp_path, {**HF_TRAINER_JSON, **change}, **over), world_size=2)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 

@@ -1,6 +1,6 @@
 """The meta-device build (train/build.py: each rank fills only its own shards) trains exactly like
 the old full build (every rank loads the whole model, FLEXMOE_FULL_BUILD=1) on every layout, from
-an fp32 or a bf16 init_from and from a fresh init; frozen tensors keep the stored dtype in memory
+an fp32 or a bf16 init_from and from a fresh init (ZeRO-3 included); frozen tensors keep the stored dtype in memory
 and final/ writes every tensor in it; checkpoints leave frozen tensors out and refuse a resume
 from another init_from."""
 
@@ -25,6 +25,8 @@ LAYOUTS = {  # name -> (processes, parallel settings)
     "tp2": (2, {"tp": 2}),
     "ep2": (2, {"ep": 2, "ac": "full"}),
     "tp2_dp2": (4, {"tp": 2}),
+    # one tensor at a time through deepspeed.zero.Init (ZeRO 1/2 replicate: the "single" build)
+    "zero3": (2, {"engine": "deepspeed", "zero_stage": 3}),
 }
 
 
@@ -85,6 +87,8 @@ def _cases(pdata, bf16_init, root, world, parallel):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sharded_build_trains_like_the_full_build(layout, pdata, bf16_init, tmp_path):
     world, parallel = LAYOUTS[layout]
+    if parallel.get("engine") == "deepspeed":
+        pytest.importorskip("deepspeed")
     cases = []
     for path in ("full", "sharded"):
         for name, c in _cases(pdata, bf16_init, tmp_path / path, world, parallel):
@@ -113,6 +117,8 @@ def test_sharded_build_trains_like_the_full_build(layout, pdata, bf16_init, tmp_
             params = seen[len(seen) // 2 + i]  # the sharded run of this case
             for n, (dtype, trainable) in params.items():
                 assert dtype == (torch.float32 if trainable else want), (name, n, dtype)
+            if parallel.get("engine") == "deepspeed":  # its own checkpoint format (test_checkpoint_reshard)
+                continue
             # checkpoints hold no frozen tensor: they come from init_from
             ckpt = sharded / "checkpoints" / "step-00000003"
             keys = {k.split(".", 1)[1] for k in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
@@ -136,3 +142,22 @@ def test_resume_refuses_another_init_from(pdata, bf16_init, tmp_path):
         _run(1, [(c2, False)])
     _run(1, [(dict(c2, init_from=c["init_from"]), False)])  # the same init_from resumes
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_bf16_keeps_frozen_tensors_as_stored(pdata, tmp_path, stage):
+    """trainer.dtype=bf16 under DeepSpeed is bf16 compute over fp32 masters: DeepSpeed's own bf16
+    mode would round an fp32 anchor and the frozen router row (it did, under ZeRO 2)."""
+    pytest.importorskip("deepspeed")
+    c = run_cfg(pdata, tmp_path / "run", world=2, freeze="expert_anchor", steps=2, engine="deepspeed",
+                zero_stage=stage)
+    c["trainer"]["dtype"] = "bf16"
+    run_distributed(_train_cases, 2, [(c, False)])
+    _, before, _ = load_model_dir(pdata["init"])
+    _, after, _ = load_model_dir(tmp_path / "run" / "final")
+    for k, v in before.items():
+        sliced = (".experts." in k or ".router." in k)
+        assert after[k].dtype == v.dtype == torch.float32, k
+        assert torch.equal(after[k][:1] if sliced else after[k], v[:1] if sliced else v), f"frozen {k} moved"
+        if sliced:
+            assert not torch.equal(after[k][1:], v[1:]), f"{k}: trainable slots did not train"

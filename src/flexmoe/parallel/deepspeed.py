@@ -60,15 +60,21 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
                              f"give {value}; drop it from the JSON")
     zero = _resolve_zero_auto(dict(base.get("zero_optimization", {})), cfg.model.d_model)
     out = {**base, **ours, "zero_optimization": {**zero, "stage": stage}}
-    bf16 = cfg.trainer.dtype == "bf16"
-    for key, on in (("bf16", bf16), ("fp16", False)):
+    # DeepSpeed's own bf16 mode stores every parameter in bf16, frozen ones included: a frozen
+    # fp32 anchor (or the frozen rows of a router) would be rounded and could not stay
+    # bit-identical. trainer.dtype=bf16 runs bf16 compute through autocast over fp32 masters
+    # instead (as the fsdp engine does on one process), so DeepSpeed's bf16 stays off.
+    if out.get("bf16", {}).get("enabled") is True and cfg.trainer.dtype != "bf16":
+        raise ValueError(f"{src}: bf16.enabled=true but trainer.dtype={cfg.trainer.dtype}; set trainer.dtype=bf16 "
+                         "(bf16 compute, fp32 masters) and bf16.enabled to auto")
+    for key in ("bf16", "fp16"):
         block = out.get(key)
-        if isinstance(block, dict) and block.get("enabled") == "auto":
-            out[key] = {**block, "enabled": on}
+        if isinstance(block, dict) and block.get("enabled") in ("auto", True) and key == "bf16":
+            out[key] = {**block, "enabled": False}
+        elif isinstance(block, dict) and block.get("enabled") == "auto":
+            out[key] = {**block, "enabled": False}
     if out.get("fp16", {}).get("enabled") is True:
         raise ValueError(f"{src}: fp16.enabled=true is not supported; use trainer.dtype=bf16")
-    if bf16:
-        out.setdefault("bf16", {"enabled": True})
     out.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW
     out.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs
     leftover = sorted(_auto_keys(out))
@@ -145,18 +151,12 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: di
     return engine
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Every parameter in full on rank 0 (ZeRO-3 gathers them; a collective), {} elsewhere."""
+def whole(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """`t` whole: a ZeRO-3 partitioned parameter is gathered (a collective: every rank calls it, and
+    only ranks with `keep` get the tensor back, detached, on its device); anything else is itself."""
+    if not hasattr(t, "ds_id"):
+        return t.detach() if keep else None
     import deepspeed
-    import torch.distributed as dist
 
-    module = engine.module
-    rank = dist.get_rank() if dist.is_initialized() else 0
-
-    def grab() -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else {}
-
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return grab()
-    return grab()
+    with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+        return t.detach().clone() if keep else None

@@ -16,9 +16,13 @@ buffers keep the dtype the file stores them in: a bf16 public model stays bf16, 
 no fp32 copy; trainable tensors are fp32 masters. Rank 0 alone checks the file's sha256s against
 flexmoe.json, before any rank reads a byte.
 
-DeepSpeed partitions the model itself inside `deepspeed.initialize`, from a full model: it keeps
-the full build (`build_model`: every rank builds and loads the whole model in fp32), as does
-FLEXMOE_FULL_BUILD=1 (the old path, kept to compare against).
+DeepSpeed builds the same way. ZeRO 1 and 2 replicate the weights, so every rank fills its own
+whole copy (still with no random init thrown away, and frozen tensors in their stored dtype).
+ZeRO 3 partitions them: each tensor in turn is allocated whole, filled on rank 0 only (from the
+file, or drawn from the seed), then handed to `deepspeed.zero.Init`, which broadcasts it and keeps
+this rank's partition; a rank never holds more than one whole tensor beyond its partitions.
+FLEXMOE_FULL_BUILD=1 keeps the old path (`build_model`: every rank builds and loads the whole
+model in fp32), to compare against.
 """
 
 from __future__ import annotations
@@ -83,11 +87,13 @@ def _check_plan(cfg: RunConfig) -> None:
 
 
 def full_build_requested(cfg: RunConfig) -> bool:
-    return cfg.parallel.engine == "deepspeed" or os.environ.get(FULL_BUILD_ENV, "") not in ("", "0")
+    return os.environ.get(FULL_BUILD_ENV, "") not in ("", "0")
 
 
-def build_for_training(cfg: RunConfig, meshes: Meshes | None, device: torch.device) -> Built:
-    """The model laid out per `cfg.parallel` on `meshes` (None: one process or DeepSpeed), on `device`."""
+def build_for_training(cfg: RunConfig, meshes: Meshes | None, device: torch.device,
+                       ds_config: dict[str, Any] | None = None) -> Built:
+    """The model laid out per `cfg.parallel` on `meshes` (None: one process or DeepSpeed), on `device`.
+    `ds_config`: the DeepSpeed config of a deepspeed-engine run (ZeRO 3 partitions as it builds)."""
     _check_plan(cfg)
     full = full_build_requested(cfg)
     lazy: dict[str, LazyTensor] | None = None
@@ -105,6 +111,8 @@ def build_for_training(cfg: RunConfig, meshes: Meshes | None, device: torch.devi
         trainable = trainable_summary(model)
         model.to(device)
         parallelize(model, cfg.parallel, meshes)
+    elif ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        model, trainable = _build_zero3(cfg, mcfg, device, lazy, stored, shapes, ds_config)
     else:
         model, trainable = _build_sharded(cfg, mcfg, meshes, device, lazy, stored, shapes)
     model.train()
@@ -179,6 +187,74 @@ def _build_sharded(cfg, mcfg, meshes, device, lazy, stored, shapes) -> tuple[nn.
             _fill_fresh(model, mcfg, cfg.trainer.seed, slots, shapes)
         else:
             _fill_from_file(slots, lazy)
+    return model, trainable
+
+
+def _build_zero3(cfg, mcfg, device, lazy, stored, shapes, ds_config) -> tuple[nn.Module, dict[str, int]]:
+    """ZeRO-3 partitions, one whole tensor at a time: allocated, filled on rank 0 (the only rank
+    that reads the file or draws values), then broadcast and cut by `deepspeed.zero.Init`."""
+    import deepspeed
+
+    from flexmoe.train.freeze import _mask_rows
+
+    rank = world()[0]
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    apply_freeze_plan(model, PLANS[cfg.stage.freeze])
+    slots = tensor_slots(model)
+    _keep_stored_dtypes(slots, stored)
+    trainable = trainable_summary(model)
+    parallelize(model, cfg.parallel, None)  # activation checkpointing only
+    masks = row_masks(model)
+    names = {(id(mod), attr): f"{prefix}.{attr}" if prefix else attr
+             for prefix, mod in model.named_modules() for attr in mod._parameters}
+    # zero.Init(module=...) would otherwise replace torch.nn.functional.linear for the whole process
+    # (and its config reader counts ranks before deepspeed.comm exists: the global batch is left out)
+    init_cfg = {**{k: v for k, v in ds_config.items() if k != "train_batch_size"},
+                "zero_optimization": {**ds_config["zero_optimization"], "memory_efficient_linear": False}}
+    with torch.device("meta"):
+        order = [n for n, _ in Transformer(mcfg).named_parameters()]
+    gen = torch.Generator().manual_seed(cfg.trainer.seed) if lazy is None and rank == 0 else None
+    done: set[str] = set()
+    with torch.no_grad(), FilePool() as pool:
+        # parameters in the fresh draws' order (the order reset_parameters(seed) draws them in), then
+        # buffers: each rank keeps its own whole copy (ZeRO partitions parameters only)
+        for key in order + [k for k in slots if k not in order]:
+            src = lazy.get(key) if lazy is not None else None
+            value = None
+            if gen is not None and key in order:
+                value = Transformer.init_value(key, shapes[key], mcfg.init_std, gen)
+            for row0, mod, attr in slots[key]:
+                old = getattr(mod, attr)
+                t = torch.empty(old.shape, dtype=old.dtype, device=device)
+                is_param = attr in mod._parameters
+                fill = rank == 0 or not is_param
+                if fill and src is not None:
+                    _fill(t, row0, src.shape, lambda a, b, src=src: pool.read(src.rows(a, b)))
+                elif fill and value is not None:
+                    _fill(t, row0, shapes[key], lambda a, b, v=value: v[a:b])
+                elif fill:
+                    t.zero_()  # buffers of a fresh model, and routing buffers a native file may lack
+                if not is_param:
+                    mod._buffers[attr] = t
+                    continue
+                p = nn.Parameter(t, requires_grad=old.requires_grad)
+                mod._parameters[attr] = p
+                name = names[(id(mod), attr)]
+                if name in masks:
+                    _mask_rows(p, masks[name])
+                holder = nn.Module()
+                holder.register_parameter("p", p)
+                deepspeed.zero.Init(module=holder, config_dict_or_path=init_cfg)  # broadcast, keep this rank's part
+                done.add(name)
+            del value
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):  # a non-persistent buffer: recomputed, as __init__ does
+            m.inv_freq = RotaryEmbedding(mcfg.dim_head, mcfg.rope_theta).inv_freq.to(device)
+            m._cache = None
+    missing = [n for n, _ in model.named_parameters() if n not in done]
+    if missing:
+        raise AssertionError(f"parameters left unpartitioned: {missing[:4]}")
     return model, trainable
 
 

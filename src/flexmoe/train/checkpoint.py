@@ -84,7 +84,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state
         _barrier()
 
     if engine is not None:
-        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state={}, save_latest=False)
+        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state={}, save_latest=False,
+                               exclude_frozen_parameters=not keep_frozen)
     else:
         msd, osd = get_state_dict(model, optimizer)
         if not keep_frozen:
@@ -212,8 +213,9 @@ def load_checkpoint(path: str | Path, model, optimizer, engine=None, frozen_from
         raise ValueError(f"{path}: written by {'DeepSpeed' if is_ds else 'the fsdp engine (DCP)'}; resume with "
                          f"parallel.engine={'deepspeed' if is_ds else 'fsdp'} or start a new out_dir")
     if engine is not None:
+        # frozen tensors were left out of it (they are the model's own, from frozen_from)
         engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+                               load_lr_scheduler_states=False, load_module_strict=False)
         return state
     msd, osd = get_state_dict(model, optimizer)
     loaded = {"model": _trainable_only(model, msd), "optim": osd, "rng": torch.get_rng_state()}

@@ -6,7 +6,8 @@ from the known shapes and stored dtypes, and frees it, hashing the file and the 
 the way (io/streamed.py). Each tensor is written in the dtype init_from stores it in: frozen
 tensors are bit-identical, and a trainable slot from a bf16 file is written as bf16 (so a
 canonical `[E, ...]` expert tensor has one dtype and the fingerprint sees the stored bytes).
-DeepSpeed gathers its state dict on rank 0 first (deepspeed.full_state_dict), then writes the same way.
+Under DeepSpeed the same pass runs over the engine's module: ZeRO-3 gathers one parameter at a
+time (deepspeed.zero.GatheredParameters), ZeRO 1/2 hold them whole already.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from flexmoe.io.streamed import Made, fingerprint_order, write_streamed_model_dir
-from flexmoe.model.moe import canonical_state_dict
 from flexmoe.parallel import deepspeed as ds
 from flexmoe.parallel.mesh import world
 from flexmoe.train.build import Built, tensor_slots
@@ -53,8 +53,7 @@ def write_final(cfg, built: Built, engine, tokens_seen: int, val_loss: dict[str,
     `extra_meta` (e.g. a DP run's `dp` record) joins flexmoe.json's fields."""
     rank, world_size = world()
     if engine is not None:
-        full = canonical_state_dict(ds.full_state_dict(engine))  # rank 0: the whole model; others: {}
-        make = functools.partial(_from_memory, full)
+        make = functools.partial(_ds_gathered, tensor_slots(engine.module))
     else:
         for m in built.model.modules():
             if isinstance(m, FSDPModule):  # an eval forward leaves reshard_after_forward=False units gathered
@@ -98,6 +97,10 @@ def _gathered(slots, key: str, dtype: torch.dtype, keep: bool) -> Iterator[torch
         del full
 
 
-def _from_memory(sd: dict[str, torch.Tensor], key: str, dtype: torch.dtype, keep: bool) -> Iterator[torch.Tensor]:
-    if keep:
-        yield sd.pop(key).to("cpu", dtype).contiguous()
+def _ds_gathered(slots, key: str, dtype: torch.dtype, keep: bool) -> Iterator[torch.Tensor]:
+    """`_gathered` for a DeepSpeed engine's module (ZeRO-3 parameters are gathered one at a time)."""
+    for _, mod, name in slots[key]:
+        full = ds.whole(getattr(mod, name), keep)
+        if keep:
+            yield full.to("cpu", dtype).contiguous()
+        del full

@@ -185,13 +185,14 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     use_ds = cfg.parallel.engine == "deepspeed"
     meshes = None if use_ds else build_mesh(dims, device.type)
     # meta-device build, layout, then each rank fills its own shards only (train/build.py)
-    built = build_for_training(cfg, meshes, device)
+    ds_config = ds.deepspeed_config(cfg, world_size) if use_ds else None
+    built = build_for_training(cfg, meshes, device, ds_config)
     model, trainable_groups = built.model, built.trainable
     optimizer = build_optimizer(model, cfg.optim)
     fit_optimizer(optimizer)
     engine = None
     if use_ds:
-        engine = ds.initialize(model, optimizer, ds.deepspeed_config(cfg, world_size))
+        engine = ds.initialize(model, optimizer, ds_config)
         optimizer = engine.optimizer
     dp_rank, dp_size = (meshes.dp_rank, meshes.dp_size) if meshes is not None else (rank, world_size)
     private, loader = None, None
@@ -226,8 +227,9 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         if rank == 0:
             log.info(f"resumed from {done[-1]} at step {start}")
 
-    # DeepSpeed's bf16 mode casts the model itself; autocast would cast twice.
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.dtype == "bf16" and not use_ds
+    # bf16 compute over fp32 masters (and frozen tensors as stored) on both engines: DeepSpeed's
+    # own bf16 mode is left off (parallel/deepspeed.py says why)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.dtype == "bf16"
                 else contextlib.nullcontext())
     peak = device_peak_flops(device, torch.bfloat16 if cfg.trainer.dtype == "bf16" else torch.float32)
     trainable = [p for p in model.parameters() if p.requires_grad]
