@@ -95,3 +95,35 @@ def test_cli_refuses_layout_before_training(tmp_path):
     assert r.returncode != 0 and "parallel.tp=2" in r.stderr, r.stderr[-2000:]
     assert time.perf_counter() - t < 15
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _train_expect_error(rank: int, world_size: int, cfg: dict) -> str:
+    from flexmoe.train.trainer import train
+
+    try:
+        train(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def test_ep_leaving_a_rank_without_trainable_experts_is_refused(pdata, tmp_path):
+    """2 experts under the anchor recipe: the anchor is copied to every ep rank and the one
+    trainable expert cannot be split over 2 (FSDP crashed on the empty stack while building)."""
+    import dataclasses
+
+    from disthelpers import run_distributed
+    from flexmoe.io.model_dir import save_model_dir
+    from flexmoe.model import Transformer
+    from parhelpers import MODEL, run_cfg
+
+    two = dataclasses.replace(MODEL, num_experts=2, top_k=2)
+    model = Transformer(two)
+    model.reset_parameters(seed=0)
+    cfg = run_cfg(pdata, tmp_path / "run", world=2, freeze="expert_anchor", steps=1, ep=2)
+    cfg["init_from"] = str(save_model_dir(tmp_path / "init", two, model.state_dict(), {"kind": "moe"}))
+    errors = run_distributed(_train_expect_error, 2, cfg)
+    for e in errors:
+        assert e.startswith("parallel.ep=2 spreads 1 trainable expert(s) over 2 ranks") and "set parallel.ep=1" in e, e
+        assert "\n" not in e
+    assert not (tmp_path / "run" / "final").exists()

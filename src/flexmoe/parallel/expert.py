@@ -95,6 +95,14 @@ class ExpertParallel(ParallelStyle):
         names = mesh.mesh_dim_names or ()
         unknown = set(names) - {"ep", "tp"}
         assert not unknown and names, names
+        if "ep" in names:
+            # frozen experts are replicated over ep, trainable ones split: a rank left with none
+            # would hold an empty stack, which FSDP cannot shard
+            n, ep = module.num_experts - module.num_frozen, mesh["ep"].size()
+            if 0 in chunk_sizes(n, ep):
+                raise ValueError(f"parallel.ep={ep} spreads {n} trainable expert(s) over {ep} ranks, leaving some "
+                                 f"with none (frozen experts are copied to every ep rank); set parallel.ep="
+                                 f"{max(e for e in range(1, ep + 1) if 0 not in chunk_sizes(n, e))} or lower")
         self.ep_group = mesh.get_group("ep") if "ep" in names else None
         self.tp_group = mesh.get_group("tp") if "tp" in names else None
         for base in EXPERT_WEIGHTS:
