@@ -1,6 +1,7 @@
-"""DP-SGD under tensor and expert parallelism on 2 gloo ranks: tp=2 (both ranks read the same
-units, each holds half of every expert's d_ff, the router replicated) and ep=2 (each rank reads
+"""DP-SGD under tensor and expert parallelism and HSDP on 2 gloo ranks: tp=2 (both ranks read the
+same units, each holds half of every expert's d_ff, the router replicated), ep=2 (each rank reads
 its own units and holds its own experts; rows travel to their expert's rank with their unit id)
+and dp_replicate=2 (HSDP's replicate axis: each rank its own units, the whole model on each)
 give the model, losses and epsilon of one process on the same global sample and noise seed, for
 book-keeping clipping and for the one-backward-per-window reference."""
 
@@ -14,7 +15,7 @@ from test_dp_parallel import _dp_cfg
 
 pytest.importorskip("opacus")
 
-LAYOUTS = {"tp2": {"tp": 2}, "ep2": {"ep": 2}}
+LAYOUTS = {"tp2": {"tp": 2}, "ep2": {"ep": 2}, "hsdp": {"dp_replicate": 2, "dp_shard": 1}}
 
 
 def _cfg(pdata, out, world, clipping, unit="window", **parallel):
@@ -38,8 +39,8 @@ def _same(one, two, path_one, path_two):
 
 
 @pytest.mark.parametrize("clipping,unit,names", [
-    ("book_keeping", "window", ["tp2", "ep2"]),
-    ("per_unit_backward", "window", ["tp2", "ep2"]),
+    ("book_keeping", "window", ["tp2", "ep2", "hsdp"]),
+    ("per_unit_backward", "window", ["tp2", "ep2", "hsdp"]),
     ("book_keeping", "document", ["ep2"]),  # a document's windows on one rank, its rows on both
 ])
 def test_dp_under_tp_and_ep_equals_one_process(pdata, tmp_path, clipping, unit, names):
@@ -55,7 +56,7 @@ def test_dp_under_tp_and_ep_equals_one_process(pdata, tmp_path, clipping, unit, 
         _same(one, two[0][i], tmp_path / "one", tmp_path / n)
 
 
-def test_hsdp_refused_tp_ep_accepted(pdata, tmp_path):
+def test_every_fsdp_engine_layout_accepted_deepspeed_refused(pdata, tmp_path):
     from omegaconf import OmegaConf
 
     from flexmoe.config.train import RunConfig
@@ -64,7 +65,7 @@ def test_hsdp_refused_tp_ep_accepted(pdata, tmp_path):
     def cfg(**parallel):
         return OmegaConf.merge(OmegaConf.structured(RunConfig), _cfg(pdata, tmp_path, 2, "auto", **parallel))
 
-    with pytest.raises(ValueError, match="parallel.dp_replicate=2 with privacy.enabled=true"):
-        check_private_run(cfg(dp_replicate=2))
+    with pytest.raises(ValueError, match="parallel.engine=deepspeed with privacy.enabled=true"):
+        check_private_run(cfg(engine="deepspeed"))
     for layout in LAYOUTS.values():
         check_private_run(cfg(**layout))

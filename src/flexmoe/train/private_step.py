@@ -40,10 +40,6 @@ def check_private_run(cfg) -> None:
 
     privacy_config_of(cfg)  # validates privacy.* and needs opacus
     par = cfg.parallel
-    if par.dp_replicate > 1:
-        raise ValueError(f"parallel.dp_replicate={par.dp_replicate} with privacy.enabled=true: DP-SGD runs on FSDP "
-                         "data-parallel ranks (dp_shard), tensor (tp) and expert (ep) parallelism, not HSDP; set "
-                         "parallel.dp_replicate=1")
     if par.ac != "none" or par.compile:
         raise ValueError(f"parallel.ac={par.ac} compile={par.compile} with privacy.enabled=true: DP clipping reads "
                          "each layer's activations once; set parallel.ac=none parallel.compile=false")
@@ -51,8 +47,9 @@ def check_private_run(cfg) -> None:
         raise ValueError("parallel.param_dtype/reduce_dtype with privacy.enabled=true: DP training runs in fp32; set "
                          "both to fp32")
     if cfg.parallel.engine != "fsdp":
-        raise ValueError(f"parallel.engine={cfg.parallel.engine} with privacy.enabled=true: DP-SGD runs on the "
-                         "native engine; set parallel.engine=fsdp")
+        raise ValueError(f"parallel.engine={cfg.parallel.engine} with privacy.enabled=true: DeepSpeed reduces "
+                         "gradients inside its own backward, before per-unit clipping can see them; set "
+                         "parallel.engine=fsdp (FSDP2, HSDP, tp and ep all run DP-SGD)")
     if cfg.trainer.dtype != "fp32":
         raise ValueError(f"trainer.dtype={cfg.trainer.dtype}: DP training runs in fp32; set trainer.dtype=fp32")
     if cfg.trainer.grad_accum != 1:
