@@ -79,6 +79,17 @@ def chunk_sizes(n: int, parts: int) -> list[int]:
     return [max(0, min(c, n - r * c)) for r in range(parts)]
 
 
+def check_fsdp_split(num_trainable: int, ep: int) -> None:
+    """Frozen experts are copied to every ep rank and trainable ones split: an ep rank left with
+    none holds an empty stack, which FSDP cannot shard (it crashed while building). Refused in one
+    line naming the largest ep that works."""
+    if 0 in chunk_sizes(num_trainable, ep):
+        best = max(e for e in range(1, ep + 1) if 0 not in chunk_sizes(num_trainable, e))
+        raise ValueError(f"parallel.ep={ep} spreads {num_trainable} trainable expert(s) over {ep} ranks, leaving some "
+                         f"with none (frozen experts are copied to every ep rank), which FSDP cannot shard; set "
+                         f"parallel.ep={best} or lower")
+
+
 def _source_to_expert_order(counts_SL: torch.Tensor) -> torch.Tensor:
     """Permutation taking tokens laid out [source][local expert] to [local expert][source]."""
     S, L = counts_SL.shape
@@ -95,14 +106,6 @@ class ExpertParallel(ParallelStyle):
         names = mesh.mesh_dim_names or ()
         unknown = set(names) - {"ep", "tp"}
         assert not unknown and names, names
-        if "ep" in names:
-            # frozen experts are replicated over ep, trainable ones split: a rank left with none
-            # would hold an empty stack, which FSDP cannot shard
-            n, ep = module.num_experts - module.num_frozen, mesh["ep"].size()
-            if 0 in chunk_sizes(n, ep):
-                raise ValueError(f"parallel.ep={ep} spreads {n} trainable expert(s) over {ep} ranks, leaving some "
-                                 f"with none (frozen experts are copied to every ep rank); set parallel.ep="
-                                 f"{max(e for e in range(1, ep + 1) if 0 not in chunk_sizes(n, e))} or lower")
         self.ep_group = mesh.get_group("ep") if "ep" in names else None
         self.tp_group = mesh.get_group("tp") if "tp" in names else None
         for base in EXPERT_WEIGHTS:

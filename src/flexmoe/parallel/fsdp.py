@@ -19,9 +19,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from flexmoe.model.moe import MoE
+from flexmoe.parallel.expert import check_fsdp_split
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -38,6 +39,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: str = "fp3
     for block in model.layers:
         if expert_mesh is not None and isinstance(block.ffn, MoE):
             experts = block.ffn.experts
+            w = experts._parameters.get("gate_proj")
+            if isinstance(w, DTensor) and "ep" in (w.device_mesh.mesh_dim_names or ()):
+                check_fsdp_split(experts.num_experts - experts.num_frozen, w.device_mesh["ep"].size())
             fully_shard(experts, mesh=expert_mesh, mp_policy=mp, shard_placement_fn=lambda p: Shard(1))
             experts.set_gradient_divide_factor(float(num_dp))
             # gloo lacks NCCL's PREMUL_SUM: sum, then divide. Not on a 1-rank expert mesh, where
