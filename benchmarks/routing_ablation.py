@@ -11,7 +11,9 @@ library as code); the public model is always trained on the built-in public text
 
 Prints one table per corpus set and writes ablation.json. Columns: merged/expert ratio per domain,
 the worst opt-out drift on another domain, merged/public on public text, merged/soup (mean over
-expert domains). A row marked (opt-in) uses data pooled across owners; no default may.
+expert domains). A row marked (opt-in) uses data pooled across owners; no default may. Rows marked
+[hf release] are the `flexmoe export-hf` releases of the topk2 and anchor_ngram merges, run by
+transformers (stock FlexOlmo, and remote code with the n-gram router), opt-out included.
 """
 
 from __future__ import annotations
@@ -105,6 +107,60 @@ def evaluate(public, merged_dir, experts, val, seq_len, windows, router=None) ->
                                            for d, w in W.items()}}
     for d in experts:
         res[f"without/{d}"] = row(merged, expert_mask(meta["experts"], [d]))
+    return res
+
+
+# Merges with a Hugging Face release (export-hf): stock FlexOlmo for top-k, remote code for anchor_*.
+HF_RELEASES = ("topk2", "anchor_ngram")
+
+
+def evaluate_release(merged_dir: Path, work: Path, domains, val, seq_len, windows, soup: dict) -> dict | None:
+    """`evaluate` through transformers: the `flexmoe export-hf` release of the merge, loaded by
+    AutoModelForCausalLM (trust_remote_code for anchor_*), so the cells are what users of the release
+    get. Opt-out: the remote-code release's `expert_mask`; a stock top-k release has none, so its
+    opt-out rows are the releases of `flexmoe remove-expert` (what such a user would run). The soup
+    is a dense model, not a release: its cells are the native ones. None without transformers."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    import torch
+
+    from flexmoe.convert.hf_export import export_hf
+    from flexmoe.data import TokenWindows
+    from flexmoe.flex.optout import expert_mask
+    from flexmoe.config import ModelConfig
+    from flexmoe.io.model_dir import read_model_meta
+    from flexmoe.train.perplexity import perplexity
+
+    W = {d: TokenWindows(p, seq_len) for d, p in val.items()}
+    meta = read_model_meta(merged_dir)
+    remote = ModelConfig.load(Path(merged_dir) / "config.json").routing != "topk"
+
+    def row(release: Path, mask=None) -> dict:
+        model = AutoModelForCausalLM.from_pretrained(release, trust_remote_code=True).eval()
+        extra = {} if mask is None else {"expert_mask": mask}
+
+        def logprobs(tokens):
+            with torch.no_grad():
+                return torch.log_softmax(model(tokens, use_cache=False, **extra).logits.float(), dim=-1)
+
+        return {d: perplexity(logprobs, w, windows) for d, w in W.items()}
+
+    release = work / "hf"
+    if not (release / "config.json").exists():
+        export_hf(merged_dir, release, verify=False, overwrite=True)
+    res = {"merged": row(release), "soup": soup}
+    for d in domains:
+        if remote:
+            res[f"without/{d}"] = row(release, expert_mask(meta["experts"], [d]))
+            continue
+        smaller = work / f"without-{d}"
+        if not (smaller / "hf" / "config.json").exists():
+            _run([sys.executable, "-m", "flexmoe.cli", "remove-expert", str(merged_dir), str(smaller / "native"),
+                  "--expert", d, "--overwrite"], work / "remove.log", 1)
+            export_hf(smaller / "native", smaller / "hf", verify=False, overwrite=True)
+        res[f"without/{d}"] = row(smaller / "hf")
     return res
 
 
@@ -252,6 +308,14 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
                          **summarise(res, expert_ppl, public_ppl, domains), "perplexity": res,
                          "expert_ppl": expert_ppl, "public_ppl": public_ppl})
             print_row(rows[-1], domains)
+            if mname in HF_RELEASES and not args.no_hf:
+                hf = evaluate_release(mdir, base / f"release-{mname}", domains, val, args.seq_len, args.windows,
+                                      res["soup"])
+                if hf is not None:
+                    rows.append({"corpora": name, "train": tname, "merge": f"{mname} [hf release]",
+                                 "windows": args.windows, **summarise(hf, expert_ppl, public_ppl, domains),
+                                 "perplexity": hf, "expert_ppl": expert_ppl, "public_ppl": public_ppl})
+                    print_row(rows[-1], domains)
     return rows
 
 
@@ -278,6 +342,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--merge", default="", help="comma-separated merge settings to evaluate (default: all)")
     ap.add_argument("--public-model", help="reuse this trained public model directory instead of training one")
+    ap.add_argument("--no-hf", action="store_true",
+                    help=f"skip the rows of the Hugging Face releases ({', '.join(HF_RELEASES)} through transformers)")
     ap.add_argument("--embedder", help="local sentence-transformers model for the embedder rows (default: the "
                     "bundled MiniLM of extra `embed`, when installed)")
     ap.add_argument("--train", default=",".join(TRAIN_SETTINGS),
