@@ -26,11 +26,37 @@ def main(argv: list[str]) -> int:
                    help="rescale router rows at merge time (see flex/merge.py ROW_TRANSFORMS)")
     p.add_argument("--router-cosine-temp", type=float, default=0.0, metavar="T",
                    help="route by cosine similarity of hidden state and row over temperature T (0: dot product)")
+    p.add_argument("--calibrate", choices=["rows", "rows+bias", "bias"],
+                   help="with --routing topk: refit the router rows (rows+bias, bias: also FlexOlmo's non-positive "
+                        "biases, native only) so per-token top-k imitates the document router, on public text and "
+                        "text sampled from each owner's own model (flex/calibrate.py; needs n-gram profiles)")
+    p.add_argument("--calibrate-data", metavar="DIR",
+                   help="prepared public token directory (prepare-data) for calibration text")
+    p.add_argument("--calibrate-windows", type=int, default=96, metavar="N", help="public windows (default 96)")
+    p.add_argument("--calibrate-generated", type=int, default=32, metavar="N",
+                   help="sequences sampled from each owner's model (default 32)")
+    p.add_argument("--calibrate-seq-len", type=int, default=256, metavar="S")
+    p.add_argument("--calibrate-steps", type=int, default=300, metavar="N", help="Adam steps per layer (default 300)")
     add_verify_argument(p)
     add_writer_arguments(p)
     a = p.parse_args(argv)
+    calibrate = None
+    if a.calibrate:
+        from flexmoe.flex.calibrate import CalibrationConfig
+
+        if a.routing not in ("auto", "topk"):
+            p.error(f"--calibrate fits top-k router rows; it needs --routing topk, not {a.routing}")
+        calibrate = CalibrationConfig(mode=a.calibrate, public_data=a.calibrate_data, public_windows=a.calibrate_windows,
+                                      generated_per_owner=a.calibrate_generated, seq_len=a.calibrate_seq_len,
+                                      steps=a.calibrate_steps)
+        try:
+            calibrate.validate()
+        except ValueError as e:
+            p.error(str(e))
+    elif a.calibrate_data:
+        p.error("--calibrate-data needs --calibrate")
     opts = writer_options(a)
     verify = verify_inputs(a, "merge", a.public, *a.packages)
     merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing,
-          shared=a.shared, router_rows=a.router_rows, router_cosine_temp=a.router_cosine_temp, verify=verify, **opts)
+          shared=a.shared, router_rows=a.router_rows, router_cosine_temp=a.router_cosine_temp, verify=verify, calibrate=calibrate, **opts)
     return 0

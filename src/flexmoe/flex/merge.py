@@ -49,7 +49,8 @@ log = get_logger(__name__)
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
           norm_topk_prob: bool = False, routing: str = "auto", shared: str = "public",
           router_rows: str = "raw", router_cosine_temp: float = 0.0, overwrite: bool = False,
-          verify: bool = True, max_shard_size: int | str | None = None) -> Path:
+          verify: bool = True, max_shard_size: int | str | None = None, calibrate: Any = None,
+          router_override: dict[str, torch.Tensor] | None = None, extra_meta: dict[str, Any] | None = None) -> Path:
     """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package.
 
     `shared`: `public` keeps the public model's shared tensors (FlexOlmo); `average` takes the mean
@@ -61,7 +62,19 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     `verify` False skips the inputs' sha256 checks (the caller verified them); schemas, shapes,
     dtypes and finiteness are checked either way. `max_shard_size` (bytes or '5GB'): write the
     weights as shards of at most that size with an index (default: one model.safetensors).
+    `calibrate` (a flex.calibrate.CalibrationConfig, routing topk only): refit the router rows so
+    top-k imitates the document router (flex/calibrate.py; needs every package's n-gram profile).
+    `router_override` / `extra_meta`: router tensors written instead of the stacked rows, and
+    metadata added to flexmoe.json (what calibration passes back in).
     """
+    if calibrate is not None:
+        from flexmoe.flex.calibrate import calibrated_merge
+
+        if routing not in ("auto", "topk"):
+            raise CheckpointError(f"--calibrate fits top-k router rows; it needs --routing topk, not {routing!r}")
+        return calibrated_merge(public_dir, packages, out_dir, calibrate, top_k=top_k, norm_topk_prob=norm_topk_prob,
+                                shared=shared, router_rows=router_rows, overwrite=overwrite, verify=verify,
+                                max_shard_size=max_shard_size)
     if routing != "auto" and routing not in ROUTINGS:
         raise CheckpointError(f"routing={routing!r} is not auto|{'|'.join(ROUTINGS)}")
     if router_cosine_temp < 0:
@@ -106,7 +119,8 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
         try:
             return _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, top_k=top_k,
                           norm_topk_prob=norm_topk_prob, routing=routing, shared=shared, router_rows=router_rows,
-                          router_cosine_temp=router_cosine_temp, overwrite=overwrite, shard_limit=shard_limit)
+                          router_cosine_temp=router_cosine_temp, overwrite=overwrite, shard_limit=shard_limit,
+                          router_override=router_override or {}, extra_meta=extra_meta or {})
         except CheckpointError as e:
             err = pool.blame(e)
             if err is e:
@@ -156,12 +170,12 @@ def _small_tensors(where: Path, tensors: dict[str, Any], pool: FilePool) -> dict
 
 
 def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k, norm_topk_prob, routing, shared,
-           router_rows, router_cosine_temp, overwrite, shard_limit) -> Path:
+           router_rows, router_cosine_temp, overwrite, shard_limit, router_override, extra_meta) -> Path:
     num_experts = len(loaded) + 1
     k = top_k if top_k is not None else min(2, num_experts)
     if not 1 <= k <= num_experts:
         raise CheckpointError(f"top_k={k} must be between 1 and the number of experts ({num_experts})")
-    use_bias = any(m.get("router_bias") for _, m, _ in loaded)
+    use_bias = any(m.get("router_bias") for _, m, _ in loaded) or any(k.endswith("router.bias") for k in router_override)
     public_file, shipped = _public_router_file(public_dir, meta)
     public_rows = _public_rows(public_dir, shipped, cfg)
     out: dict[str, Any] = {k_: v for k_, v in sd.items() if is_shared_key(k_)}
@@ -178,6 +192,10 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
         if use_bias:
             out[router_bias_key(i)] = torch.cat(
                 [torch.zeros(1)] + [s.get(package_bias_key(i), torch.zeros(1)).float() for s in small])
+    for key, t in router_override.items():  # calibrated router tensors (flex/calibrate.py)
+        if key not in out or tuple(out[key].shape) != tuple(t.shape):
+            raise CheckpointError(f"router override {key} {tuple(t.shape)} does not fit the merged model")
+        out[key] = t.float().contiguous()
     notes = []  # said once the output is in place: a refusal stays the only line on stderr
     if _shared_streams(out, sd, loaded, average=shared == "average", pool=pool, divergence=divergence) \
             and shared == "public":
@@ -204,7 +222,7 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
                         **{k: m[k] for k in ("profile_dp", "privacy_total") if k in m}})  # a DP n-gram profile
     # Each record is bound to its slot's tensors (tensor_sha256) in the pass that writes them.
     new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts,
-                "shared": shared}
+                "shared": shared, **extra_meta}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         progress = Progress(f"merge {len(loaded)} packages", sum(_nbytes(t) for t in out.values()))
         write_native(tmp, merged_cfg, out, new_meta, pool, progress, max_shard_size=shard_limit, bind_experts=True,
