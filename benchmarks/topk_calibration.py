@@ -2,7 +2,7 @@
 imitate the document router of an `anchor_ngram` merge, and what does each lever give?
 
 Reads a finished quickstart run (public/, owners/, merged/, data/, report.json) and never writes
-into it. Every variant refits only router tensors of the merged model (flex/calibrate.py) and is
+into it. Every variant refits only router tensors of the merged model (recipes/calibrate.py) and is
 evaluated under routing=topk on the run's validation windows, against the experts' perplexities
 in report.json:
 
@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from flexmoe.flex import calibrate as cal  # noqa: E402
+from flexmoe.recipes import calibrate as cal  # noqa: E402
 
 # name -> (mode, data sources, steps, target); data: P public train windows, G owner-generated,
 # O owners' train data; target: doc = the document router's weights everywhere, pair = text from

@@ -1,4 +1,4 @@
-"""Top-k calibration (flex/calibrate.py, `merge --routing topk --calibrate`): the refitted router
+"""Top-k calibration (recipes/calibrate.py, `merge --routing topk --calibrate`): the refitted router
 rows make per-token top-k pick the document router's experts on more tokens than the stacked rows,
 only router tensors change, and the rows-only release exports to Hugging Face and loads there."""
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from flexmoe.flex.calibrate import CalibrationConfig, agreement, document_targets, router_inputs, with_routing
+from flexmoe.recipes.calibrate import CalibrationConfig, calibrated_merge, agreement, document_targets, router_inputs, with_routing
 from flexmoe.flex.merge import merge
 from flexmoe.io.keys import router_weight_key
 from flexmoe.train.load import load_model
@@ -40,8 +40,7 @@ def merges(tmp_path_factory, one_thread):
     pkgs = make_packages(root, public, DOMAINS, ngram=True)
     doc = merge(public, pkgs, root / "doc", routing="anchor_ngram")
     plain = merge(public, pkgs, root / "topk", routing="topk")
-    cal = merge(public, pkgs, root / "cal", routing="topk",
-                calibrate=CalibrationConfig(generated_per_owner=12, seq_len=48, steps=200))
+    cal = calibrated_merge(public, pkgs, root / "cal", CalibrationConfig(generated_per_owner=12, seq_len=48, steps=200))
     return root, doc, plain, cal
 
 
@@ -62,7 +61,7 @@ def test_calibrated_topk_imitates_document_routing(merges):
         else:
             assert torch.equal(sd_p[k], sd_c[k]), k
     # held-out text (not the calibration text): sampled anew from the owners' models
-    from flexmoe.flex.calibrate import owner_text
+    from flexmoe.recipes.calibrate import owner_text
 
     tokens = torch.cat([owner_text(with_routing(model_doc, "topk"), s, 8, 48, seed=5) for s in (1, 2)]
                        + [torch.randint(0, ccfg.vocab_size, (8, 48), generator=torch.Generator().manual_seed(3))])

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--calibrate", choices=["rows", "rows+bias", "bias"],
                    help="with --routing topk: refit the router rows (rows+bias, bias: also FlexOlmo's non-positive "
                         "biases, native only) so per-token top-k imitates the document router, on public text and "
-                        "text sampled from each owner's own model (flex/calibrate.py; needs n-gram profiles)")
+                        "text sampled from each owner's own model (recipes/calibrate.py; needs n-gram profiles)")
     p.add_argument("--calibrate-data", metavar="DIR",
                    help="prepared public token directory (prepare-data) for calibration text")
     p.add_argument("--calibrate-windows", type=int, default=96, metavar="N", help="public windows (default 96)")
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     calibrate = None
     if a.calibrate:
-        from flexmoe.flex.calibrate import CalibrationConfig
+        from flexmoe.recipes.calibrate import CalibrationConfig
 
         if a.routing not in ("auto", "topk"):
             p.error(f"--calibrate fits top-k router rows; it needs --routing topk, not {a.routing}")
@@ -57,6 +57,12 @@ def main(argv: list[str]) -> int:
         p.error("--calibrate-data needs --calibrate")
     opts = writer_options(a)
     verify = verify_inputs(a, "merge", a.public, *a.packages)
+    if calibrate is not None:
+        from flexmoe.recipes.calibrate import calibrated_merge
+
+        calibrated_merge(a.public, a.packages, a.out, calibrate, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob,
+                         shared=a.shared, router_rows=a.router_rows, verify=verify, **opts)
+        return 0
     merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing,
-          shared=a.shared, router_rows=a.router_rows, router_cosine_temp=a.router_cosine_temp, verify=verify, calibrate=calibrate, **opts)
+          shared=a.shared, router_rows=a.router_rows, router_cosine_temp=a.router_cosine_temp, verify=verify, **opts)
     return 0

@@ -49,7 +49,7 @@ log = get_logger(__name__)
 def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Path, *, top_k: int | None = None,
           norm_topk_prob: bool = False, routing: str = "auto", shared: str = "public",
           router_rows: str = "raw", router_cosine_temp: float = 0.0, overwrite: bool = False,
-          verify: bool = True, max_shard_size: int | str | None = None, calibrate: Any = None,
+          verify: bool = True, max_shard_size: int | str | None = None,
           router_override: dict[str, torch.Tensor] | None = None, extra_meta: dict[str, Any] | None = None) -> Path:
     """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package.
 
@@ -62,19 +62,8 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     `verify` False skips the inputs' sha256 checks (the caller verified them); schemas, shapes,
     dtypes and finiteness are checked either way. `max_shard_size` (bytes or '5GB'): write the
     weights as shards of at most that size with an index (default: one model.safetensors).
-    `calibrate` (a flex.calibrate.CalibrationConfig, routing topk only): refit the router rows so
-    top-k imitates the document router (flex/calibrate.py; needs every package's n-gram profile).
-    `router_override` / `extra_meta`: router tensors written instead of the stacked rows, and
-    metadata added to flexmoe.json (what calibration passes back in).
+    `router_override` / `extra_meta`: router tensors instead of the stacked rows, flexmoe.json fields.
     """
-    if calibrate is not None:
-        from flexmoe.flex.calibrate import calibrated_merge
-
-        if routing not in ("auto", "topk"):
-            raise CheckpointError(f"--calibrate fits top-k router rows; it needs --routing topk, not {routing!r}")
-        return calibrated_merge(public_dir, packages, out_dir, calibrate, top_k=top_k, norm_topk_prob=norm_topk_prob,
-                                shared=shared, router_rows=router_rows, overwrite=overwrite, verify=verify,
-                                max_shard_size=max_shard_size)
     if routing != "auto" and routing not in ROUTINGS:
         raise CheckpointError(f"routing={routing!r} is not auto|{'|'.join(ROUTINGS)}")
     if router_cosine_temp < 0:

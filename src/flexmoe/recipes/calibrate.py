@@ -258,10 +258,8 @@ def calibrated_merge(public_dir, packages, out_dir, cfg: CalibrationConfig, *, t
     again with routing=topk and the fitted tensors in place of the stacked rows. Peak memory: one
     merged model (it runs); the written model is streamed as any merge. The fit's record
     (mode, text, per-layer agreement) goes into flexmoe.json as `calibration`."""
-    import shutil
-    import tempfile
-
     from flexmoe.flex.merge import merge
+    from flexmoe.io.files import scratch_dir
     from flexmoe.io.log import get_logger
     from flexmoe.io.model_dir import CheckpointError
     from flexmoe.train.load import load_model
@@ -274,11 +272,9 @@ def calibrated_merge(public_dir, packages, out_dir, cfg: CalibrationConfig, *, t
     out_dir = Path(out_dir)
     if not overwrite and out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir}: exists and is not empty; give --out a new or empty directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.calibrate-", dir=out_dir.parent))
     t0 = time.perf_counter()
     lines: list[str] = []
-    try:
+    with scratch_dir(out_dir) as scratch:
         try:
             merge(public_dir, packages, scratch / "doc", top_k=top_k, norm_topk_prob=norm_topk_prob,
                   routing="anchor_ngram", shared=shared, router_rows=router_rows, verify=verify)
@@ -289,8 +285,6 @@ def calibrated_merge(public_dir, packages, out_dir, cfg: CalibrationConfig, *, t
         tokens = calibration_text(model_doc, cfg, log=log.info)
         tensors = calibrate_model(model_doc, tokens, mode=cfg.mode, steps=cfg.steps, lr=cfg.lr,
                                   log=lambda m: (lines.append(m), log.info(m)))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     record = {"mode": cfg.mode, "public_data": cfg.public_data, "public_windows": cfg.public_windows if cfg.public_data else 0,
               "generated_per_owner": cfg.generated_per_owner, "seq_len": cfg.seq_len, "steps": cfg.steps,
               "lr": cfg.lr, "temperature": cfg.temperature, "seed": cfg.seed, "tokens": int(tokens.numel()),
