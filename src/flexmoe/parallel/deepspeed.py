@@ -67,11 +67,9 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
     if out.get("bf16", {}).get("enabled") is True and cfg.trainer.dtype != "bf16":
         raise ValueError(f"{src}: bf16.enabled=true but trainer.dtype={cfg.trainer.dtype}; set trainer.dtype=bf16 "
                          "(bf16 compute, fp32 masters) and bf16.enabled to auto")
-    for key in ("bf16", "fp16"):
+    for key, off in (("bf16", ("auto", True)), ("fp16", ("auto",))):  # fp16=true is refused below
         block = out.get(key)
-        if isinstance(block, dict) and block.get("enabled") in ("auto", True) and key == "bf16":
-            out[key] = {**block, "enabled": False}
-        elif isinstance(block, dict) and block.get("enabled") == "auto":
+        if isinstance(block, dict) and block.get("enabled") in off:
             out[key] = {**block, "enabled": False}
     if out.get("fp16", {}).get("enabled") is True:
         raise ValueError(f"{src}: fp16.enabled=true is not supported; use trainer.dtype=bf16")

@@ -177,10 +177,7 @@ def _build_sharded(cfg, mcfg, meshes, device, lazy, stored, shapes) -> tuple[nn.
     params = dict(model.named_parameters())
     restore_row_masks(model, {n: k for n, k in masks.items() if not isinstance(params[n], DTensor)})
     carry_row_masks(model, masks)
-    for m in model.modules():
-        if isinstance(m, RotaryEmbedding):  # a non-persistent buffer: recomputed, as __init__ does
-            m.inv_freq.copy_(RotaryEmbedding(mcfg.dim_head, mcfg.rope_theta).inv_freq)
-            m._cache = None
+    _reset_rope(model, mcfg, device)
     slots = tensor_slots(model)
     with torch.no_grad():
         if lazy is None:
@@ -248,14 +245,19 @@ def _build_zero3(cfg, mcfg, device, lazy, stored, shapes, ds_config) -> tuple[nn
                 deepspeed.zero.Init(module=holder, config_dict_or_path=init_cfg)  # broadcast, keep this rank's part
                 done.add(name)
             del value
-    for m in model.modules():
-        if isinstance(m, RotaryEmbedding):  # a non-persistent buffer: recomputed, as __init__ does
-            m.inv_freq = RotaryEmbedding(mcfg.dim_head, mcfg.rope_theta).inv_freq.to(device)
-            m._cache = None
+    _reset_rope(model, mcfg, device)
     missing = [n for n, _ in model.named_parameters() if n not in done]
     if missing:
         raise AssertionError(f"parameters left unpartitioned: {missing[:4]}")
     return model, trainable
+
+
+def _reset_rope(model: nn.Module, mcfg: ModelConfig, device: torch.device) -> None:
+    """RoPE's inverse frequencies: a non-persistent buffer (never in a file), recomputed as __init__ does."""
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.inv_freq = RotaryEmbedding(mcfg.dim_head, mcfg.rope_theta).inv_freq.to(device)
+            m._cache = None
 
 
 def _keep_stored_dtypes(slots, stored) -> None:
