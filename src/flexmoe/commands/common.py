@@ -58,13 +58,14 @@ def writer_options(a: argparse.Namespace) -> dict:
     if getattr(a, "quiet", False):
         import logging
 
+        from flexmoe.io.log import get_logger
         from flexmoe.io.progress import set_quiet
 
         set_quiet(True)
-        logging.getLogger("flexmoe").setLevel(logging.WARNING)
+        get_logger("flexmoe").setLevel(logging.WARNING)  # after its setup, which would reset the level
     if not hasattr(a, "max_shard_size"):
         return {}
-    from flexmoe.io.native import parse_size
+    from flexmoe.config.sizes import parse_size  # not io.native: merge starts work before torch is imported
 
     parse_size(a.max_shard_size)
     return {"max_shard_size": a.max_shard_size}

@@ -9,7 +9,6 @@ def main(argv: list[str]) -> int:
     """`flexmoe merge`: public model + expert packages -> one (N+1)-expert model."""
     from flexmoe.config.model import ROUTINGS
     from flexmoe.commands.common import add_verify_argument, add_writer_arguments, verify_inputs, writer_options
-    from flexmoe.flex.merge import merge
 
     p = argparse.ArgumentParser(prog="flexmoe merge", description=main.__doc__)
     p.add_argument("public")
@@ -26,10 +25,12 @@ def main(argv: list[str]) -> int:
                    help="rescale router rows at merge time (see flex/merge.py ROW_TRANSFORMS)")
     p.add_argument("--router-cosine-temp", type=float, default=0.0, metavar="T",
                    help="route by cosine similarity of hidden state and row over temperature T (0: dot product)")
-    p.add_argument("--calibrate", choices=["rows", "rows+bias", "bias"],
+    p.add_argument("--calibrate", choices=["rows", "rows+bias", "bias", "owner"],
                    help="with --routing topk: refit the router rows (rows+bias, bias: also FlexOlmo's non-positive "
                         "biases, native only) so per-token top-k imitates the document router, on public text and "
-                        "text sampled from each owner's own model (recipes/calibrate.py; needs n-gram profiles)")
+                        "text sampled from each owner's own model (recipes/calibrate.py; needs n-gram profiles); "
+                        "owner: stack the rows each owner fitted on its own data and shipped in its package "
+                        "(`flexmoe package --fit-router`, recipes/owner_router.py)")
     p.add_argument("--calibrate-data", metavar="DIR",
                    help="prepared public token directory (prepare-data) for calibration text")
     p.add_argument("--calibrate-windows", type=int, default=96, metavar="N", help="public windows (default 96)")
@@ -41,6 +42,18 @@ def main(argv: list[str]) -> int:
     add_writer_arguments(p)
     a = p.parse_args(argv)
     calibrate = None
+    if a.calibrate == "owner":
+        if a.routing not in ("auto", "topk"):
+            raise ValueError(f"--calibrate owner stacks top-k router rows; it needs --routing topk, not {a.routing}")
+        if a.calibrate_data:
+            raise ValueError("--calibrate owner fits nothing at merge time; --calibrate-data is for rows|rows+bias|bias")
+        from flexmoe.recipes.owner_router import owner_rows_merge
+
+        opts = writer_options(a)
+        verify = verify_inputs(a, "merge", a.public, *a.packages)
+        owner_rows_merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, shared=a.shared,
+                         router_rows=a.router_rows, verify=verify, **opts)
+        return 0
     if a.calibrate:
         from flexmoe.recipes.calibrate import CalibrationConfig
 
@@ -57,12 +70,29 @@ def main(argv: list[str]) -> int:
         p.error("--calibrate-data needs --calibrate")
     opts = writer_options(a)
     verify = verify_inputs(a, "merge", a.public, *a.packages)
+    if verify and calibrate is None:
+        from flexmoe.io import prehash
+
+        # Child processes hash the inputs while this one imports torch (flex.merge) and opens them.
+        public = prehash.listed_weight_files(a.public, "flexmoe.json", model=True)
+        prehash.start(public + [f for pkg in a.packages for f in prehash.listed_weight_files(pkg, "manifest.json")],
+                      fingerprint=public)
+        try:
+            return _merge(a, verify, opts)
+        finally:
+            prehash.stop()
     if calibrate is not None:
         from flexmoe.recipes.calibrate import calibrated_merge
 
         calibrated_merge(a.public, a.packages, a.out, calibrate, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob,
                          shared=a.shared, router_rows=a.router_rows, verify=verify, **opts)
         return 0
+    return _merge(a, verify, opts)
+
+
+def _merge(a: argparse.Namespace, verify: bool, opts: dict) -> int:
+    from flexmoe.flex.merge import merge
+
     merge(a.public, a.packages, a.out, top_k=a.top_k, norm_topk_prob=a.norm_topk_prob, routing=a.routing,
           shared=a.shared, router_rows=a.router_rows, router_cosine_temp=a.router_cosine_temp, verify=verify, **opts)
     return 0

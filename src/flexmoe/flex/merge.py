@@ -10,13 +10,12 @@ copied from the public model or averaged chunk by chunk. They are written shard 
 (`max_shard_size`), so memory stays at a few read chunks plus the router rows, whatever the
 number of experts or the model size.
 
-Everything that can be checked before writing is: the public model's file sha256s and fingerprint
-(one pass over it), every package's manifest, file listing, tensor names, shapes, dtypes and small
-tensors' values, fingerprints, duplicate domains. What needs every byte of a package (its sha256,
-its weights being finite) is checked in the pass that copies it; a mismatch discards the output
-before it is renamed into place, and a refusal is reported as the sha256 mismatch when the file's
-bytes are not the ones its manifest lists. A refusal is one line naming the file at fault, and
-leaves no output.
+Checked before writing: the public model's fingerprint, every manifest, file listing, tensor name,
+shape, dtype and small tensor, fingerprints, duplicate domains, and under `flexmoe merge` every
+input's sha256 (child processes hash them while this one imports torch: io.prehash). A library
+call checks packages' sha256s in the pass that copies them; finiteness is checked there too. A
+mismatch discards the output before it is renamed into place; a refusal is one line naming the
+file at fault (the sha256 mismatch when a file's bytes are not its manifest's), and leaves no output.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from flexmoe.config.model import ROUTINGS
+from flexmoe.io import prehash
 from flexmoe.io.hf_dir import hf_architecture
 from flexmoe.flex.hf_inputs import read_hf_anchor, read_hf_public
 from flexmoe.io.model_dir import META, CheckpointError, atomic_dir, refuse_overlap
@@ -133,8 +133,8 @@ def _open_public(public_dir: Path, verify: bool, pool: FilePool):
         if not fp:  # without it a corrupted public model would be blamed on every package
             raise CheckpointError(f"{public_dir / META}: has no fingerprint; merge takes a public model written by "
                                   "`flexmoe train` (or import-hf)")
-        if not checked:
-            got = stream_fingerprint(sd, pool)  # also hashes the weight files, read in their order
+        if not checked:  # computed by a child process (io.prehash) when `flexmoe merge` started one
+            got = (verify and prehash.known_fingerprint(sd)) or stream_fingerprint(sd, pool)
             pool.check_expected()
             if got != fp:
                 raise CheckpointError(f"{public_dir}: tensors do not match the fingerprint in its flexmoe.json")
@@ -209,9 +209,9 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
                         "package_sha256": m["files"].get(TENSORS), "tokens_seen": m.get("tokens_seen"),
                         "dp": m.get("dp"), "consent": m.get("consent"), "source": str(pkg),
                         **{k: m[k] for k in ("profile_dp", "privacy_total") if k in m}})  # a DP n-gram profile
-    # Each record is bound to its slot's tensors (tensor_sha256) in the pass that writes them.
     new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts,
                 "shared": shared, **extra_meta}
+    pool.check_expected(pool.prehashed())  # files hashed by child processes: refused before any output byte
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         progress = Progress(f"merge {len(loaded)} packages", sum(_nbytes(t) for t in out.values()))
         write_native(tmp, merged_cfg, out, new_meta, pool, progress, max_shard_size=shard_limit, bind_experts=True,

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from flexmoe.io import prehash
 from flexmoe.io.errors import CheckpointError
 from flexmoe.io.files import sha256_file
 
@@ -155,7 +156,9 @@ class FilePool:
     (re-reading it: counted in `gap_bytes`), a read behind or far ahead adds nothing.
     `check_expected()` hashes what no read reached (also counted) and refuses a mismatch. So an
     input is verified by the pass that copies it, and read once when the pass follows its file
-    order (keys.storage_order); any other order costs re-reads, never a wrong answer."""
+    order (keys.storage_order); any other order costs re-reads, never a wrong answer. A file that a
+    child process is hashing (io.prehash, started by a command before it imports torch) is not
+    hashed here: `check_expected` takes the child's digest, refusing a file changed since."""
 
     def __init__(self, chunk: int = CHUNK):
         self._files: dict[Path, Any] = {}
@@ -177,6 +180,9 @@ class FilePool:
         """Verify `path` against `digest` (listed in `recorded_in`) as it is read."""
         path = Path(path)
         self._expect[path] = (digest, str(recorded_in))
+        pre = prehash.active()
+        if pre is not None and pre.covers(path):
+            return  # a child process hashes it (io.prehash); checked in check_expected
         self._hash[path] = (hashlib.sha256(), 0)
 
     def _track(self, path: Path, start: int, data) -> None:
@@ -210,15 +216,24 @@ class FilePool:
             start += got
             self.gap_bytes += got
 
+    def prehashed(self) -> list[Path]:
+        """The expected files a child process hashes (io.prehash)."""
+        return [p for p in self._expect if p not in self._hash]
+
     def check_expected(self, paths=None) -> None:
         """Finish the hashes of the expected files (all, or `paths`); refuse the first that differs."""
         for path in list(self._expect if paths is None else paths):
-            if path not in self._hash:
+            if path not in self._expect:
                 continue
-            h, pos = self._hash.pop(path)
-            self._hash_range(path, h, pos, path.stat().st_size)
+            if path in self._hash:
+                h, pos = self._hash.pop(path)
+                self._hash_range(path, h, pos, path.stat().st_size)
+                got = h.hexdigest()
+            else:  # hashed by a child process (io.prehash), or by nothing if the child could not
+                pre = prehash.active()
+                got = (pre.digest(path) if pre is not None else None) or sha256_file(path)
             digest, recorded_in = self._expect.pop(path)
-            if h.hexdigest() != digest:
+            if got != digest:
                 raise CheckpointError(f"{path}: sha256 does not match {recorded_in}; the file is corrupted")
 
     def blame(self, error: Exception, paths=None) -> Exception:

@@ -1,0 +1,139 @@
+"""Issue 16: `flexmoe merge` hashes its inputs in child processes (io.prehash) while it imports torch.
+
+The output must be the library merge's, byte for byte; every input's sha256 is checked before the
+first output byte; a file changed after its child read it is refused; a child that dies leaves
+the parent to hash the file itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import flexmoe.io.native as native
+from flexmoe.cli import main as cli
+from flexmoe.flex.merge import merge
+from flexmoe.io import prehash
+from flexmoe.io.files import sha256_file
+from flexmoe.io.model_dir import CheckpointError
+from flexmoe.io.stream import FilePool
+from helpers import make_packages, make_public
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prehash")
+    public = make_public(root)
+    return {"public": public, "pkgs": make_packages(root, public, ["code", "math"])}
+
+
+def _weights(d):
+    return {n: sha256_file(d / n) for n in sorted(os.listdir(d)) if n.endswith(".safetensors")}
+
+
+def test_cli_merge_uses_the_children_and_writes_the_library_merge(world, tmp_path, monkeypatch):
+    used = []
+    real = prehash.Prehash.digest
+
+    def spy(self, path):
+        got = real(self, path)
+        used.append((path.name, got))
+        return got
+
+    monkeypatch.setattr(prehash.Prehash, "digest", spy)
+    args = [str(world["public"]), *map(str, world["pkgs"]), "--max-shard-size", "60KB", "--quiet"]
+    assert cli(["merge", *args, "--out", str(tmp_path / "cli")]) == 0
+    # every weight file of the public model and both packages came from a child, none was None
+    public_files = sorted(n for n in os.listdir(world["public"]) if n.startswith("model"))
+    assert sorted(n for n, _ in used) == sorted(public_files + ["expert.safetensors"] * 2)
+    assert all(d is not None for _, d in used)
+    assert prehash.active() is None  # stopped with the command
+    merge(world["public"], world["pkgs"], tmp_path / "lib", max_shard_size="60KB")
+    assert _weights(tmp_path / "cli") == _weights(tmp_path / "lib") and len(_weights(tmp_path / "lib")) > 1
+    meta_cli, meta_lib = (json.loads((tmp_path / d / "flexmoe.json").read_text()) for d in ("cli", "lib"))
+    assert [e["tensor_sha256"] for e in meta_cli["experts"]] == [e["tensor_sha256"] for e in meta_lib["experts"]]
+
+
+def test_corrupted_package_is_refused_before_any_output_byte(world, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "pkg"
+    bad.mkdir()
+    for f in world["pkgs"][1].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    data = bytearray((bad / "expert.safetensors").read_bytes())
+    data[-5] ^= 0x40  # one bit of the last weight: the header and every shape still check out
+    (bad / "expert.safetensors").write_bytes(bytes(data))
+    writes = []
+    monkeypatch.setattr(native, "write_tensors", lambda *a, **k: writes.append(a) or {})
+    rc = cli(["merge", str(world["public"]), str(world["pkgs"][0]), str(bad), "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and writes == []
+    assert err[-1].endswith(f"{bad / 'expert.safetensors'}: sha256 does not match {bad / 'manifest.json'}; "
+                            "the file is corrupted")
+    assert not (tmp_path / "m").exists() and not any(p.name.startswith(".m.") for p in tmp_path.iterdir())
+
+
+def test_a_file_changed_after_its_child_read_it_is_refused(world, tmp_path):
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(os.urandom(1 << 20))
+    pre = prehash.start([f])
+    try:
+        assert pre.digest(f) == sha256_file(f)
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # rewritten: same size, new mtime
+        with pytest.raises(CheckpointError, match="changed while it was being read"):
+            pre.digest(f)
+    finally:
+        prehash.stop()
+
+
+def test_a_dead_child_leaves_the_file_to_the_parent(world, tmp_path):
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(os.urandom(1 << 20))
+    pre = prehash.start([f])
+    try:
+        for proc in pre._procs:
+            proc.kill()
+            proc.wait()
+        assert pre.digest(f) is None  # nothing reported: the pool hashes the file itself
+        with FilePool() as pool:
+            pool.expect(f, sha256_file(f), "listing.json")
+            assert pool.prehashed() == [f]
+            pool.check_expected()
+        with FilePool() as pool:
+            pool.expect(f, "0" * 64, "listing.json")
+            with pytest.raises(CheckpointError, match="sha256 does not match listing.json"):
+                pool.check_expected()
+    finally:
+        prehash.stop()
+
+
+def test_listing_is_read_leniently(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"expert.safetensors": "x", "../up.safetensors": "y",
+                                                                  "notes.txt": "z"}}))
+    assert prehash.listed_weight_files(tmp_path, "manifest.json") == [tmp_path / "expert.safetensors"]
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert prehash.listed_weight_files(tmp_path, "manifest.json") == []
+    assert prehash.start([tmp_path / "missing.safetensors"]) is None
+
+
+def test_the_childs_fingerprint_is_the_models(world, tmp_path):
+    from flexmoe.io.fingerprint import fingerprint
+    from flexmoe.io.model_dir import load_model_dir, save_model_dir
+    from flexmoe.io.native import open_native
+
+    cfg, sd, meta = load_model_dir(world["public"])
+    keep = {k: v for k, v in meta.items() if k not in ("router_embedding", "files")}
+    sharded = save_model_dir(tmp_path / "sharded", cfg, sd, keep, max_shard_size="30KB")
+    for d in (world["public"], sharded):
+        files = prehash.listed_weight_files(d, "flexmoe.json", model=True)
+        assert files and all(f.name.startswith("model") for f in files)
+        pre = prehash.start([], fingerprint=files)
+        try:
+            _, lazy, _ = open_native(d)
+            assert prehash.known_fingerprint(lazy) == fingerprint(sd) == meta["fingerprint"]
+            assert pre.fingerprint(files[:1] if len(files) > 1 else []) is None  # another file set: not known
+        finally:
+            prehash.stop()
+    assert len(prehash.listed_weight_files(sharded, "flexmoe.json", model=True)) > 1
