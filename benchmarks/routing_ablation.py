@@ -44,6 +44,9 @@ MERGE_SETTINGS = [  # (name, routing, router_rows, top_k[, router cosine tempera
     # FlexOlmo's router tuning: the topk2 merge's router rows trained on small samples of every
     # owner's data and of the public data (pooled, so opt-in and never a default)
     ("topk2+router_tune", "topk", "raw", 2),
+    # owner-fitted rows (recipes/owner_router.py): each owner runs `package --fit-router` on its own
+    # data + public windows; `merge --routing topk --calibrate owner` stacks them (nothing pooled)
+    ("topk2+owner_rows", "topk", "raw", 2),
 ]
 EMBED_CHUNK = 32
 ROUTER_TUNE = dict(fraction=0.05, steps=40, lr=1e-2)
@@ -283,7 +286,19 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
             if not (mdir / "flexmoe.json").exists():
                 _run(flexmoe + ["merge", str(branch_from), *map(str, pkgs), "--out", str(mdir), "--top-k", str(k),
                                 "--routing", routing, "--router-rows", rows_t,
-                                "--router-cosine-temp", str(cos[0] if cos else 0.0)], base / "merge.log", 2)
+                                "--router-cosine-temp", str(cos[0] if cos else 0.0)], base / "merge.log", min(jobs, 2))
+            if mname == "topk2+owner_rows" and not (mdir / "flexmoe.json").exists():
+                fitted = []
+                for d, pkg in zip(domains, pkgs):
+                    fit = pkg.parent / "package-fit"
+                    if not (fit / "manifest.json").exists():
+                        _run(flexmoe + ["package", str(pkg.parent / "train" / "final"), str(fit), "--owner", d,
+                                        "--domain", d, "--fit-router", str(data[d]["train"]), "--fit-router-public",
+                                        str(args.public_data), "--fit-router-seq-len", str(args.seq_len)],
+                             pkg.parent / "log.txt", 1)
+                    fitted.append(fit)
+                _run(flexmoe + ["merge", str(branch_from), *map(str, fitted), "--out", str(mdir), "--routing", "topk",
+                                "--calibrate", "owner"], base / "merge.log", 1)
             router = None
             if mname == "anchor_embed":
                 if not args.embedder:
@@ -346,6 +361,8 @@ def main() -> None:
                     help=f"skip the rows of the Hugging Face releases ({', '.join(HF_RELEASES)} through transformers)")
     ap.add_argument("--embedder", help="local sentence-transformers model for the embedder rows (default: the "
                     "bundled MiniLM of extra `embed`, when installed)")
+    ap.add_argument("--jobs", type=int, default=0, help="owners trained at once (default: min(cores, 3))")
+    ap.add_argument("--only-shared", action="store_true", help="with --shared: skip the built-in corpus set")
     ap.add_argument("--train", default=",".join(TRAIN_SETTINGS),
                     help=f"comma-separated training settings among {', '.join(TRAIN_SETTINGS)}")
     args = ap.parse_args()
@@ -386,15 +403,15 @@ def main() -> None:
         # made again below from this run's public data.
         shutil.copytree(args.public_model, public_run / "final")
         _run([sys.executable, "-m", "flexmoe.cli", "router-embed", "--model", str(public_run / "final"),
-              "--data", str(args.public_data), "--public", "--seq-len", str(args.seq_len)], out / "public.log", 2)
+              "--data", str(args.public_data), "--public", "--seq-len", str(args.seq_len)], out / "public.log", args.jobs or 2)
     if not (public_run / "final" / "flexmoe.json").exists():
         _run([sys.executable, "-m", "flexmoe.cli", "train", f"out_dir={public_run}",
               f"+data.train.public={args.public_data}", f"trainer.steps={args.public_steps}", "optim.lr=3e-3",
               f"data.seq_len={args.seq_len}", "trainer.log_every=100"], out / "public.log", os.cpu_count() or 1)
         _run([sys.executable, "-m", "flexmoe.cli", "router-embed", "--model", str(public_run / "final"),
-              "--data", str(args.public_data), "--public", "--seq-len", str(args.seq_len)], out / "public.log", 2)
+              "--data", str(args.public_data), "--public", "--seq-len", str(args.seq_len)], out / "public.log", args.jobs or 2)
     public = public_run / "final"
-    sets = {"builtin": {d: builtin[d] for d in ("public", "code", "legal", "math")}}
+    sets = {} if args.only_shared and args.shared else {"builtin": {d: builtin[d] for d in ("public", "code", "legal", "math")}}
     if args.shared:
         shared = shared_domains(out, 1_200_000)
         if shared:
@@ -404,7 +421,7 @@ def main() -> None:
     print(f"{'corpora':8} {'train':16} {'merge':28} merged/expert per domain  ...")
     rows = []
     for name, corpora in sets.items():
-        rows += run_set(name, corpora, public, out, args, jobs=min(os.cpu_count() or 1, 3))
+        rows += run_set(name, corpora, public, out, args, jobs=args.jobs or min(os.cpu_count() or 1, 3))
     # Rows of earlier runs into the same --out stay unless this run measured the same setting, so
     # the table can be built up setting by setting.
     path, key = out / "ablation.json", lambda r: (r["corpora"], r["train"], r["merge"], r.get("windows"))

@@ -1,5 +1,9 @@
 """Expert package: the owner's trained expert FFN per layer, its router rows and bias, as
-safetensors plus a JSON manifest. It carries no data and nothing shared."""
+safetensors plus a JSON manifest. It carries no data and nothing shared.
+
+Optionally (`flexmoe package --fit-router`, recipes/owner_router.py) it also carries top-k router
+rows the owner fitted on its own data: `fitted_router.{i}` `[d_model]` per layer, recorded as
+`fitted_router` in the manifest; `merge --routing topk --calibrate owner` stacks them."""
 
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from flexmoe.flex.consent import make_consent
 from flexmoe.io.fingerprint import fingerprint
 from flexmoe.io.keys import (EXPERT_WEIGHTS, SHARED_PREFIX, experts_key, is_shared_key, package_bias_key, package_layer_of,
                              package_router_key, package_weight_key, router_bias_key, router_weight_key, storage_order)
-from flexmoe.io.schema import (DP, DP_FIELDS, PACKAGE_FORMAT, PACKAGE_MANIFEST, PROFILE_DP, check, read_record,
-                               reserved_rule)
+from flexmoe.io.schema import (DP, DP_FIELDS, PACKAGE_FORMAT, PACKAGE_MANIFEST, PROFILE_DP, Field, Record, check,
+                               read_record, reserved_rule)
 
 FORMAT = PACKAGE_FORMAT
 SHARED_TRAINING_STAGES = ("sft", "rl_unfrozen")
@@ -29,12 +33,41 @@ MANIFEST = "manifest.json"
 # anything else would be promoted or refused deep inside merge, or break the merged model.
 ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Owner-fitted top-k router rows (optional): one `[d_model]` row per layer, fitted by the owner on
+# its own data against the public row (recipes/owner_router.py), and the fit's record.
+FITTED_ROUTER = "fitted_router"
+FITTED_TARGETS = ("pair", "doc", "own")
+FITTED_ROUTER_RECORD = Record({
+    "target": Field((str,), choices=FITTED_TARGETS),
+    "anchor_only_weight": Field((float,), rule=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
+    "own_weight": Field((float,), required=False, rule=lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
+    "own_windows": Field((int,), rule=lambda v: None if v > 0 else "must be positive"),
+    "public_windows": Field((int,), rule=lambda v: None if v >= 0 else "must be >= 0"),
+    "seq_len": Field((int,), rule=lambda v: None if v > 0 else "must be positive"),
+    "steps": Field((int,), rule=lambda v: None if v > 0 else "must be positive"),
+    "lr": Field((float,)),
+    "tokens": Field((int,), rule=lambda v: None if v > 0 else "must be positive"),
+    "layers": Field((list,), required=False, items=Field((str,))),
+    "seconds": Field((float,), required=False),
+})
+MANIFEST_SPEC = Record({**PACKAGE_MANIFEST.fields,
+                        FITTED_ROUTER: Field((dict,), required=False, record=FITTED_ROUTER_RECORD)})
+
+
+def fitted_router_key(layer: int) -> str:
+    """The owner-fitted top-k router row of `layer` in a package (optional)."""
+    return f"{FITTED_ROUTER}.{layer}"
+
 
 def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, domain: str,
                  licence: str = "unspecified", dp: dict[str, Any] | None = None,
                  include_shared: bool | None = None, allowed_uses: list[str] | None = None,
-                 expires: str | None = None, overwrite: bool = False) -> Path:
+                 expires: str | None = None, overwrite: bool = False,
+                 fitted_router: tuple[list[torch.Tensor], dict[str, Any]] | None = None) -> Path:
     """Cut the owner's expert (slot 1) out of a trained 2-expert anchor model.
+
+    `fitted_router`: (one `[d_model]` row per layer, the fit's record), from
+    recipes/owner_router.fit_package_rows: shipped as `fitted_router.{i}` and manifest `fitted_router`.
 
     `allowed_uses` (see flex.consent.USES) and `expires` (YYYY-MM-DD, last valid day) form the
     manifest's `consent` record, which merge carries into the merged model; without uses, no
@@ -78,6 +111,14 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
         tensors["domain_embedding"] = sd["domain_centroids"][1].float().contiguous()
     if "domain_ngrams" in sd:  # the owner's n-gram profile, for routing=anchor_ngram
         tensors["domain_ngram"] = sd["domain_ngrams"][1].float().contiguous()
+    if fitted_router is not None:
+        rows, record = fitted_router
+        if len(rows) != cfg.num_layers:
+            raise CheckpointError(f"fitted router rows: {len(rows)} rows for {cfg.num_layers} layers")
+        for i, row in enumerate(rows):
+            tensors[fitted_router_key(i)] = row.detach().float().reshape(-1).contiguous()
+            check_package_value(trained_dir, fitted_router_key(i), tensors[fitted_router_key(i)])
+        check(record, FITTED_ROUTER_RECORD, f"{trained_dir}: fitted router record")
     with FilePool() as pool, atomic_dir(out_dir, overwrite=overwrite) as tmp:
         # In storage order: merge then reads the file front to back, verifying its sha256 as it copies.
         digest = write_file(tmp / TENSORS, {k: tensors[k] for k in storage_order(tensors, moe=True)}, pool)
@@ -91,6 +132,7 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
             "shared": sorted(k[len("shared."):] for k in tensors if k.startswith("shared.")),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "files": {TENSORS: digest},
+            **({FITTED_ROUTER: fitted_router[1]} if fitted_router is not None else {}),
         }
         write_json(tmp / MANIFEST, manifest)
     return Path(out_dir)
@@ -119,7 +161,7 @@ def open_package(pkg_dir: str | Path, verify: bool = True, defer: FilePool | Non
     pkg_dir = Path(pkg_dir)
     if not pkg_dir.is_dir():
         raise CheckpointError(f"{pkg_dir}: not a directory (expected an expert package)")
-    manifest = read_record(pkg_dir / MANIFEST, PACKAGE_MANIFEST)
+    manifest = read_record(pkg_dir / MANIFEST, MANIFEST_SPEC)
     files = manifest["files"]
     if TENSORS not in files:
         raise CheckpointError(f"{pkg_dir / MANIFEST}: field 'files' does not list {TENSORS}, so nothing proves it unchanged")
@@ -160,6 +202,17 @@ def check_package_tensors(where: Path, manifest: dict[str, Any], tensors: dict[s
     optional = {"domain_embedding": (D,), "domain_ngram": None}
     optional.update({package_bias_key(i): (1,) for i in range(L)})
     optional.update({f"shared.{k}": None for k in manifest.get("shared") or []})
+    fitted = [fitted_router_key(i) for i in range(L)]
+    optional.update({k: (D,) for k in fitted})
+    have = [k for k in fitted if k in tensors]
+    if have and len(have) != L:
+        missing = next(k for k in fitted if k not in tensors)
+        raise CheckpointError(f"{where}: fitted router rows for {len(have)} of {L} layers (no {missing}); "
+                              "re-run `flexmoe package --fit-router`")
+    if bool(have) != (manifest.get(FITTED_ROUTER) is not None):
+        raise CheckpointError(f"{where}: " + ("fitted router rows without a 'fitted_router' record in the manifest"
+                                              if have else "the manifest records 'fitted_router' but the file "
+                                              f"has no {fitted[0]}") + "; re-run `flexmoe package --fit-router`")
     for key in want:
         if key not in tensors:
             raise CheckpointError(f"{where}: missing tensor {key}, which {manifest.get('shape')} in the manifest implies")

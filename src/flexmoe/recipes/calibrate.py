@@ -145,17 +145,23 @@ def router_inputs(model, tokens_NS: torch.Tensor, layer: int, batch_size: int = 
 
 def fit_layer(h_TD: torch.Tensor, target_TE: torch.Tensor, weight_ED: torch.Tensor, *, bias: bool,
               steps: int, lr: float, rows: bool = True,
-              anchor_only_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+              anchor_only_weight: float = 1.0,
+              fit_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows (and non-positive biases, anchor's 0) minimising CE(target, softmax(h W^T + b)), from
     `weight_ED`. Full-batch Adam; the hidden states are scaled to unit RMS for the fit (rows are
     scaled back), so one lr suits any model width. `rows` False keeps the rows (bias only).
     `anchor_only_weight`: weight of tokens the document router gives to the anchor alone (< 1: missing
-    an owner's expert on its text costs more than mixing one into public text)."""
+    an owner's expert on its text costs more than mixing one into public text). `fit_rows`: fit only
+    these rows, the others held as given (an owner fits its own row against the public one)."""
     tok_w = torch.where(target_TE[:, 0] > 1 - 1e-6, anchor_only_weight, 1.0)
     tok_w = tok_w / tok_w.sum().clamp(min=1e-12)
     scale = h_TD.pow(2).mean().sqrt().clamp(min=1e-6)
     x = h_TD / scale
     w = (weight_ED.float() * scale).clone().requires_grad_(rows)
+    if rows and fit_rows is not None:  # zero gradient -> Adam leaves the held rows exactly as they are
+        held = torch.ones(weight_ED.shape[0], 1)
+        held[fit_rows] = 0
+        w.register_hook(lambda g: g * (1 - held))
     b = torch.zeros(weight_ED.shape[0], requires_grad=True) if bias else None
     opt = torch.optim.Adam(([w] if rows else []) + ([b] if bias else []), lr=lr)
     for _ in range(steps):
@@ -167,6 +173,8 @@ def fit_layer(h_TD: torch.Tensor, target_TE: torch.Tensor, weight_ED: torch.Tens
         loss.backward()
         opt.step()
     new = (w.detach() / scale).to(weight_ED.dtype) if rows else weight_ED.clone()
+    if rows and fit_rows is not None:  # bit for bit, not rescaled
+        new[held[:, 0].bool()] = weight_ED[held[:, 0].bool()]
     if b is None:
         return new, None
     bb = b.detach().clamp(max=0)
@@ -176,14 +184,16 @@ def fit_layer(h_TD: torch.Tensor, target_TE: torch.Tensor, weight_ED: torch.Tens
 
 def calibrate_model(model_doc, tokens_NS: torch.Tensor, *, mode: str = "rows", steps: int = 300,
                     lr: float = 0.05, log=None, choice_NS: torch.Tensor | None = None,
-                    anchor_only_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                    anchor_only_weight: float = 1.0, fit_rows: list[int] | None = None,
+                    targets: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Router tensors `{router weight key: [E, D], router bias key: [E] (rows+bias)}` that make
     `model_doc`'s weights under top-k imitate its document routing on `tokens_NS`, fitted layer by
     layer on the top-k model with its earlier layers already calibrated."""
     if mode not in CALIBRATIONS:
         raise ValueError(f"calibrate={mode!r} is not one of {'|'.join(CALIBRATIONS)}")
     bias = mode in ("rows+bias", "bias")
-    targets = document_targets(model_doc, tokens_NS, choice_NS=choice_NS)
+    if targets is None:  # else: per layer `[N*S, E]`, given by the caller
+        targets = document_targets(model_doc, tokens_NS, choice_NS=choice_NS)
     topk = with_routing(model_doc, "topk", bias=bias or None)
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(topk.layers):
@@ -191,7 +201,7 @@ def calibrate_model(model_doc, tokens_NS: torch.Tensor, *, mode: str = "rows", s
         h = router_inputs(topk, tokens_NS, i)
         before = _agreement(router.logits(h), targets[i])
         rows, b = fit_layer(h, targets[i], router.weight.detach(), bias=bias, steps=steps, lr=lr,
-                            rows=mode != "bias", anchor_only_weight=anchor_only_weight)
+                            rows=mode != "bias", anchor_only_weight=anchor_only_weight, fit_rows=fit_rows)
         with torch.no_grad():
             router.weight.copy_(rows)
             if b is not None:
