@@ -53,7 +53,8 @@ class Prehash:
     def __init__(self, paths: list[Path], workers: int | None = None, fingerprint: list[Path] = ()):
         fingerprint = [Path(p).resolve() for p in fingerprint]
         files = sorted({Path(p).resolve() for p in [*paths, *fingerprint]}, key=lambda p: -p.stat().st_size)
-        workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
+        # one core stays with the parent, which imports torch and opens the inputs meanwhile
+        workers = max(1, min(workers or (os.cpu_count() or 2) - 1, len(files)))
         groups: list[list[Path]] = [[] for _ in range(workers)]
         loads = [0] * workers
         for f in files:  # largest first onto the least-loaded child
