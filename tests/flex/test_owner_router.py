@@ -227,3 +227,15 @@ def test_owner_merge_needs_fitted_rows_and_cli_fits(world, tmp_path, capsys):
     assert rc == 0
     rec = json.loads((tmp_path / "p" / "manifest.json").read_text())["fitted_router"]
     assert rec["target"] == "doc" and rec["steps"] == 20 and rec["tokens"] == 8 * SEQ
+
+
+def test_rows_fitted_against_another_public_row_are_refused(world, tmp_path, capsys):
+    """The manifest records which public rows the owner fitted against; `--calibrate owner` refuses
+    rows fitted against other ones (a plain merge does not use them and takes the package)."""
+    root, _, public, _, _, fitted = world
+    bad = _tamper(fitted["code"], tmp_path / "bad",
+                  edit_manifest=lambda m: m["fitted_router"].update(public_row_sha256="0" * 64))
+    _refuse(root, capsys, ["merge", str(public), str(fitted["math"]), str(bad), "--out", str(tmp_path / "o"),
+                           "--calibrate", "owner"], "fitted against another public router row")
+    assert not (tmp_path / "o").exists()
+    assert cli(["merge", str(public), str(fitted["math"]), str(bad), "--out", str(tmp_path / "p")]) == 0

@@ -23,7 +23,7 @@ from flexmoe.io.fingerprint import fingerprint
 from flexmoe.io.keys import (EXPERT_WEIGHTS, SHARED_PREFIX, experts_key, is_shared_key, package_bias_key, package_layer_of,
                              package_router_key, package_weight_key, router_bias_key, router_weight_key, storage_order)
 from flexmoe.io.schema import (DP, DP_FIELDS, PACKAGE_FORMAT, PACKAGE_MANIFEST, PROFILE_DP, Field, Record, check,
-                               read_record, reserved_rule)
+                               read_record, reserved_rule, sha256_rule)
 
 FORMAT = PACKAGE_FORMAT
 SHARED_TRAINING_STAGES = ("sft", "rl_unfrozen")
@@ -47,6 +47,7 @@ FITTED_ROUTER_RECORD = Record({
     "steps": Field((int,), rule=lambda v: None if v > 0 else "must be positive"),
     "lr": Field((float,)),
     "tokens": Field((int,), rule=lambda v: None if v > 0 else "must be positive"),
+    "public_row_sha256": Field((str,), rule=sha256_rule),  # the public rows it was fitted against
     "layers": Field((list,), required=False, items=Field((str,))),
     "seconds": Field((float,), required=False),
 })

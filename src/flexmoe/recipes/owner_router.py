@@ -167,9 +167,17 @@ def fit_package_rows(trained_dir: str | Path, cfg: OwnerFitConfig,
     record = {"target": cfg.target, "anchor_only_weight": float(cfg.anchor_only_weight), "own_windows": len(own),
               "public_windows": len(public), "seq_len": cfg.seq_len, "steps": cfg.steps, "lr": float(cfg.lr),
               "tokens": int(own.numel() + public.numel()), "layers": lines,
+              "public_row_sha256": row_digest(torch.stack([sd[router_weight_key(i)][0] for i in range(len(rows))])),
               "seconds": round(time.perf_counter() - t0, 1),
               **({"own_weight": float(cfg.own_weight)} if cfg.target == "own" else {})}
     return rows, record
+
+
+def row_digest(rows_LD: torch.Tensor) -> str:
+    """sha256 of `[L, D]` router rows as float32 bytes: which public row an owner fitted against."""
+    import hashlib
+
+    return hashlib.sha256(rows_LD.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 @torch.no_grad()
@@ -186,13 +194,13 @@ def _own_weight(model, tokens_NS: torch.Tensor, batch_size: int = 16) -> float:
     return sum(w) / max(len(w), 1)
 
 
-def owner_rows(packages) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Per package, its fitted rows `[L, D]` and records by domain; a package without them is refused."""
+def owner_rows(packages) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[str]]:
+    """Per package, its fitted rows `[L, D]`, fit record and domain; a package without them is refused."""
     from flexmoe.flex.package import FITTED_ROUTER, MANIFEST, TENSORS, check_package_value, fitted_router_key, open_package
     from flexmoe.io.model_dir import CheckpointError
     from flexmoe.io.stream import FilePool
 
-    rows, records = [], {}
+    rows, records, domains = [], [], []
     with FilePool() as pool:
         for pkg in map(Path, packages):
             if not (pkg / MANIFEST).exists():
@@ -208,8 +216,9 @@ def owner_rows(packages) -> tuple[list[torch.Tensor], dict[str, Any]]:
                 check_package_value(pkg / TENSORS, fitted_router_key(i), t)
                 layer_rows.append(t.float())
             rows.append(torch.stack(layer_rows))
-            records[manifest["domain"]] = manifest[FITTED_ROUTER]
-    return rows, records
+            records.append(manifest[FITTED_ROUTER])
+            domains.append(manifest["domain"])
+    return rows, records, domains
 
 
 def owner_rows_merge(public_dir, packages, out_dir, **merge_kw) -> Path:
@@ -222,17 +231,22 @@ def owner_rows_merge(public_dir, packages, out_dir, **merge_kw) -> Path:
     from flexmoe.io.native import open_native
 
     public_dir = Path(public_dir)
-    rows, records = owner_rows(packages)
+    rows, records, domains = owner_rows(packages)
     if hf_architecture(public_dir):
         raise CheckpointError(f"{public_dir}: --calibrate owner needs the native public model (its shipped router row)")
     cfg, _, meta = open_native(public_dir, verify=False)
     if merge_kw.get("router_rows", "raw") != "raw":
         raise CheckpointError("--calibrate owner stacks rows fitted against the raw public row; use --router-rows raw")
     public = _public_rows(public_dir, _public_router_file(public_dir, meta)[1], cfg)
-    for pkg, r in zip(packages, rows):
+    digest = row_digest(public)
+    for pkg, r, rec in zip(packages, rows, records):
         if tuple(r.shape) != (cfg.num_layers, cfg.d_model):
             raise CheckpointError(f"{pkg}: fitted rows {tuple(r.shape)} do not fit the public model "
                                   f"({cfg.num_layers}, {cfg.d_model})")
+        if rec["public_row_sha256"] != digest:
+            raise CheckpointError(f"{Path(pkg) / 'manifest.json'}: its rows were fitted against another public router "
+                                  f"row ({rec['public_row_sha256'][:12]}..., {public_dir} ships {digest[:12]}...); "
+                                  "refit with `flexmoe package --fit-router` from this public model's branch")
     override = {router_weight_key(i): torch.stack([public[i]] + [r[i] for r in rows]) for i in range(cfg.num_layers)}
     return merge(public_dir, packages, out_dir, routing="topk", router_override=override,
-                 extra_meta={"calibration": {"mode": OWNER_CALIBRATION, "owners": records}}, **merge_kw)
+                 extra_meta={"calibration": {"mode": OWNER_CALIBRATION, "owners": dict(zip(domains, records))}}, **merge_kw)
