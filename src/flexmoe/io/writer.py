@@ -35,7 +35,7 @@ import torch
 
 from flexmoe.io.errors import CheckpointError
 from flexmoe.io.shards import INDEX, index_record, plan_shards, shard_names
-from flexmoe.io.stream import CHUNK, DTYPE_NAMES, FilePool, LazyTensor, write_all
+from flexmoe.io.stream import CHUNK, DTYPE_NAMES, FilePool, LazyTensor, preallocate, write_all
 
 KILL_ENV = "FLEXMOE_TEST_KILL_AT"
 
@@ -277,6 +277,7 @@ def write_file(path: Path, tensors: dict[str, Source], pool: FilePool, *, metada
 def _write_pieces(path, tensors, pool, h, metadata, taps, progress) -> None:
     with open(path, "wb", buffering=0) as f:
         head = _header(tensors, list(tensors), metadata or {"format": "pt"})
+        preallocate(f, len(head) + sum(nbytes(t) for t in tensors.values()))
         h.update(head)
         write_all(f, head)
         for k, src in tensors.items():

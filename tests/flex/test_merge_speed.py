@@ -1,12 +1,15 @@
-"""Issue 16: `flexmoe merge` hashes its inputs in child processes (io.prehash) while it imports torch.
+"""Issue 16's speed work: `flexmoe merge` hashes its inputs in child processes (io.prehash) while it
+imports torch, and writers reserve their files' space before writing (io.stream.preallocate).
 
 The output must be the library merge's, byte for byte; every input's sha256 is checked before the
 first output byte; a file changed after its child read it is refused; a child that dies leaves
-the parent to hash the file itself.
+the parent to hash the file itself; a file system without fallocate writes as before, a full
+disk fails before the first byte.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -18,7 +21,7 @@ from flexmoe.flex.merge import merge
 from flexmoe.io import prehash
 from flexmoe.io.files import sha256_file
 from flexmoe.io.model_dir import CheckpointError
-from flexmoe.io.stream import FilePool
+from flexmoe.io.stream import FilePool, preallocate
 from helpers import make_packages, make_public
 
 
@@ -137,3 +140,23 @@ def test_the_childs_fingerprint_is_the_models(world, tmp_path):
         finally:
             prehash.stop()
     assert len(prehash.listed_weight_files(sharded, "flexmoe.json", model=True)) > 1
+
+
+def test_preallocate_reserves_the_size_and_tolerates_file_systems_without_it(tmp_path, monkeypatch):
+    with open(tmp_path / "a", "wb", buffering=0) as f:
+        preallocate(f, 3 << 20)
+    assert (tmp_path / "a").stat().st_size == 3 << 20 and (tmp_path / "a").stat().st_blocks * 512 >= 3 << 20
+
+    def refuse(code):
+        def fallocate(fd, offset, size):
+            raise OSError(code, os.strerror(code))
+        return fallocate
+
+    monkeypatch.setattr(os, "posix_fallocate", refuse(errno.EOPNOTSUPP))
+    with open(tmp_path / "b", "wb", buffering=0) as f:
+        preallocate(f, 1 << 20)  # no error: the writes allocate as they go
+    assert (tmp_path / "b").stat().st_size == 0
+    monkeypatch.setattr(os, "posix_fallocate", refuse(errno.ENOSPC))
+    with open(tmp_path / "c", "wb", buffering=0) as f, pytest.raises(OSError, match="No space") as e:
+        preallocate(f, 1 << 20)
+    assert e.value.filename == str(tmp_path / "c")  # the command's one line names the file
