@@ -1,5 +1,5 @@
 """Issue 16's speed work: `flexmoe merge` hashes its inputs in child processes (io.prehash) while it
-imports torch, and writers reserve their files' space before writing (io.stream.preallocate).
+imports torch, and writers reserve their files' space before writing (io.files.preallocate).
 
 The output must be the library merge's, byte for byte; every input's sha256 is checked before the
 first output byte; a file changed after its child read it is refused; a child that dies leaves
@@ -19,9 +19,9 @@ import flexmoe.io.native as native
 from flexmoe.cli import main as cli
 from flexmoe.flex.merge import merge
 from flexmoe.io import prehash
-from flexmoe.io.files import sha256_file
+from flexmoe.io.files import preallocate, sha256_file
 from flexmoe.io.model_dir import CheckpointError
-from flexmoe.io.stream import FilePool, preallocate
+from flexmoe.io.stream import FilePool
 from helpers import make_packages, make_public
 
 

@@ -8,9 +8,7 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     """`flexmoe branch`: dense public model -> the owner's 2-expert anchor model."""
-    from flexmoe.commands.common import add_writer_arguments, writer_options
-    from flexmoe.flex.branch import branch
-    from flexmoe.flex.router_init import read_profile_dp
+    from flexmoe.commands.common import add_writer_arguments, inputs_hashed_aside, writer_options
     from flexmoe.io.files import check_disjoint, check_output_dir
 
     p = argparse.ArgumentParser(prog="flexmoe branch", description=main.__doc__)
@@ -23,6 +21,14 @@ def main(argv: list[str]) -> int:
     opts = writer_options(a)
     check_disjoint(a.out, [a.public, a.router_embedding], "OUT")
     check_output_dir(a.out, flag=None)
+    with inputs_hashed_aside([a.public]):  # torch is imported below, while children hash the public model
+        return _branch(a, opts)
+
+
+def _branch(a: argparse.Namespace, opts: dict) -> int:
+    from flexmoe.flex.branch import branch
+    from flexmoe.flex.router_init import read_profile_dp
+
     given = read_router_rows(a.router_embedding, a.public) if a.router_embedding else {}
     profile_dp = read_profile_dp(a.router_embedding) if a.router_embedding else None
     print(branch(a.public, a.out, given.get("router_embedding"), router_bias=a.router_bias,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 
@@ -96,3 +97,21 @@ def model_tokenizer(model_dir: str, meta: dict, override: str | None):
     if isinstance(spec, dict) and spec.get("type") == "hf" and not Path(spec["path"]).is_absolute():
         spec = dict(spec, path=str(Path(model_dir) / spec["path"]))  # import-hf records it relative to the model
     return load_tokenizer(spec)
+
+
+@contextlib.contextmanager
+def inputs_hashed_aside(models=(), packages=(), fingerprint_of: str | None = None):
+    """While the block runs, child processes hash the weight files that these native model directories
+    (flexmoe.json) and packages (manifest.json) list, and with `fingerprint_of` that dense model's
+    fingerprint (io.prehash); the readers take the children's digests instead of hashing in their own
+    pass. Enter it before importing torch: the children hash while this process imports it."""
+    from flexmoe.io import prehash
+
+    files = [f for m in models for f in prehash.listed_weight_files(m, "flexmoe.json", model=True)]
+    files += [f for pkg in packages for f in prehash.listed_weight_files(pkg, "manifest.json")]
+    fp = prehash.listed_weight_files(fingerprint_of, "flexmoe.json", model=True) if fingerprint_of else []
+    prehash.start(files, fingerprint=fp)
+    try:
+        yield
+    finally:
+        prehash.stop()

@@ -8,7 +8,8 @@ import argparse
 def main(argv: list[str]) -> int:
     """`flexmoe merge`: public model + expert packages -> one (N+1)-expert model."""
     from flexmoe.config.model import ROUTINGS
-    from flexmoe.commands.common import add_verify_argument, add_writer_arguments, verify_inputs, writer_options
+    from flexmoe.commands.common import (add_verify_argument, add_writer_arguments, inputs_hashed_aside, verify_inputs,
+                                         writer_options)
 
     p = argparse.ArgumentParser(prog="flexmoe merge", description=main.__doc__)
     p.add_argument("public")
@@ -71,16 +72,8 @@ def main(argv: list[str]) -> int:
     opts = writer_options(a)
     verify = verify_inputs(a, "merge", a.public, *a.packages)
     if verify and calibrate is None:
-        from flexmoe.io import prehash
-
-        # Child processes hash the inputs while this one imports torch (flex.merge) and opens them.
-        public = prehash.listed_weight_files(a.public, "flexmoe.json", model=True)
-        prehash.start(public + [f for pkg in a.packages for f in prehash.listed_weight_files(pkg, "manifest.json")],
-                      fingerprint=public)
-        try:
+        with inputs_hashed_aside([a.public], a.packages, fingerprint_of=a.public):
             return _merge(a, verify, opts)
-        finally:
-            prehash.stop()
     if calibrate is not None:
         from flexmoe.recipes.calibrate import calibrated_merge
 

