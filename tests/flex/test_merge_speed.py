@@ -160,3 +160,18 @@ def test_preallocate_reserves_the_size_and_tolerates_file_systems_without_it(tmp
     with open(tmp_path / "c", "wb", buffering=0) as f, pytest.raises(OSError, match="No space") as e:
         preallocate(f, 1 << 20)
     assert e.value.filename == str(tmp_path / "c")  # the command's one line names the file
+
+
+@pytest.mark.parametrize("cpus,want", [(2, 1), (4, 3), (64, prehash.MAX_WORKERS)])
+def test_children_leave_the_parent_a_core_and_stay_few(tmp_path, monkeypatch, cpus, want):
+    files = []
+    for i in range(12):
+        files.append(tmp_path / f"f{i}.safetensors")
+        files[-1].write_bytes(os.urandom(1024 * (i + 1)))
+    monkeypatch.setattr(prehash, "usable_cpus", lambda: cpus)
+    pre = prehash.start(files)
+    try:
+        assert len(pre._procs) == want
+        assert [pre.digest(f) for f in files] == [sha256_file(f) for f in files]
+    finally:
+        prehash.stop()

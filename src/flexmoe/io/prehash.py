@@ -29,6 +29,15 @@ from pathlib import Path
 from flexmoe.io.errors import CheckpointError
 
 CHUNK = 1 << 24
+MAX_WORKERS = 8
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a SLURM job's allocation, not the node's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 _ACTIVE: "Prehash | None" = None
 
 
@@ -53,8 +62,10 @@ class Prehash:
     def __init__(self, paths: list[Path], workers: int | None = None, fingerprint: list[Path] = ()):
         fingerprint = [Path(p).resolve() for p in fingerprint]
         files = sorted({Path(p).resolve() for p in [*paths, *fingerprint]}, key=lambda p: -p.stat().st_size)
-        # one core stays with the parent, which imports torch and opens the inputs meanwhile
-        workers = max(1, min(workers or (os.cpu_count() or 2) - 1, len(files)))
+        # One core stays with the parent, which imports torch and opens the inputs meanwhile; at most
+        # MAX_WORKERS children (each holds a chunk and an interpreter, ~30 MB), which is about what
+        # memory bandwidth feeds anyway.
+        workers = max(1, min(workers or min(MAX_WORKERS, usable_cpus() - 1), len(files)))
         groups: list[list[Path]] = [[] for _ in range(workers)]
         loads = [0] * workers
         for f in files:  # largest first onto the least-loaded child
