@@ -283,7 +283,7 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
             expert_ppl[d] = perplexity(model_logprobs(m.eval()), TokenWindows(val[d], args.seq_len), args.windows)
         for mname, routing, rows_t, k, *cos in [m for m in MERGE_SETTINGS if m[0] in args.merge]:
             mdir = base / f"merged-{mname}"
-            if not (mdir / "flexmoe.json").exists():
+            if not (mdir / "flexmoe.json").exists() and mname != "topk2+owner_rows":  # that one: below
                 _run(flexmoe + ["merge", str(branch_from), *map(str, pkgs), "--out", str(mdir), "--top-k", str(k),
                                 "--routing", routing, "--router-rows", rows_t,
                                 "--router-cosine-temp", str(cos[0] if cos else 0.0)], base / "merge.log", min(jobs, 2))

@@ -73,11 +73,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--evaluate", default="", metavar="DIR[,DIR]",
+                    help="also evaluate these merged directories as rows (e.g. a `merge --calibrate owner` output)")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of owner text")
     ap.add_argument("--cache", help="keep the calibration text in this .pt file (generation is the slow part)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    names = [v for v in a.variants.split(",") if v] or list(VARIANTS)
+    names = [v for v in a.variants.split(",") if v] or ([] if a.evaluate else list(VARIANTS))
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         ap.error(f"--variants: unknown {bad}")
@@ -159,6 +161,10 @@ def main() -> None:
     base = evaluate("uncalibrated topk", topk0)
     rows.append(base)
     show(base, base, domains)
+    for extra in [d for d in a.evaluate.split(",") if d]:
+        m, _, _ = load_model(extra)
+        rows.append(evaluate(f"merged dir {extra}", m.eval()))
+        show(rows[-1], base, domains)
     for name in names:
         mode, data, steps, target, *a0 = VARIANTS[name]
         t1 = time.perf_counter()
