@@ -65,7 +65,8 @@ def build_model(dst: Path, cfg: ModelConfig = BENCH_CFG) -> Path:
     dst.mkdir(parents=True)
     tensors = {k: _random(s, i) for i, (k, s) in enumerate(sorted(native_shapes(cfg).items()))}
     meta = {"kind": "merged", "base_fingerprint": hashlib.sha256(b"bench").hexdigest(),
-            "experts": [{"slot": j, "owner": f"o{j}", "domain": f"d{j}"} for j in range(cfg.num_experts)]}
+            "experts": [{"slot": j, "owner": f"o{j}", "domain": f"d{j}", "consent": {"allowed_uses": ["any"], "expires": None}}
+                        for j in range(cfg.num_experts)]}  # consent recorded: export-hf refuses experts without
     with FilePool() as pool:
         write_native(dst, cfg, tensors, meta, pool, bind_experts=True)
     return dst
