@@ -25,6 +25,14 @@ from flexmoe.io.stream import FilePool
 from helpers import make_packages, make_public
 
 
+@pytest.fixture(params=["children", "inline"])
+def mode(request, monkeypatch):
+    """Small inputs are hashed in the process (INLINE_BYTES); 0 forces child processes."""
+    if request.param == "children":
+        monkeypatch.setattr(prehash, "INLINE_BYTES", 0)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("prehash")
@@ -36,7 +44,7 @@ def _weights(d):
     return {n: sha256_file(d / n) for n in sorted(os.listdir(d)) if n.endswith(".safetensors")}
 
 
-def test_cli_merge_uses_the_children_and_writes_the_library_merge(world, tmp_path, monkeypatch):
+def test_cli_merge_uses_the_children_and_writes_the_library_merge(mode, world, tmp_path, monkeypatch):
     used = []
     real = prehash.Prehash.digest
 
@@ -59,7 +67,7 @@ def test_cli_merge_uses_the_children_and_writes_the_library_merge(world, tmp_pat
     assert [e["tensor_sha256"] for e in meta_cli["experts"]] == [e["tensor_sha256"] for e in meta_lib["experts"]]
 
 
-def test_corrupted_package_is_refused_before_any_output_byte(world, tmp_path, monkeypatch, capsys):
+def test_corrupted_package_is_refused_before_any_output_byte(mode, world, tmp_path, monkeypatch, capsys):
     bad = tmp_path / "pkg"
     bad.mkdir()
     for f in world["pkgs"][1].iterdir():
@@ -77,7 +85,7 @@ def test_corrupted_package_is_refused_before_any_output_byte(world, tmp_path, mo
     assert not (tmp_path / "m").exists() and not any(p.name.startswith(".m.") for p in tmp_path.iterdir())
 
 
-def test_a_file_changed_after_its_child_read_it_is_refused(world, tmp_path):
+def test_a_file_changed_after_its_child_read_it_is_refused(mode, world, tmp_path):
     f = tmp_path / "w.safetensors"
     f.write_bytes(os.urandom(1 << 20))
     pre = prehash.start([f])
@@ -91,7 +99,8 @@ def test_a_file_changed_after_its_child_read_it_is_refused(world, tmp_path):
         prehash.stop()
 
 
-def test_a_dead_child_leaves_the_file_to_the_parent(world, tmp_path):
+def test_a_dead_child_leaves_the_file_to_the_parent(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(prehash, "INLINE_BYTES", 0)  # a child even for a small file
     f = tmp_path / "w.safetensors"
     f.write_bytes(os.urandom(1 << 20))
     pre = prehash.start([f])
@@ -121,7 +130,7 @@ def test_listing_is_read_leniently(tmp_path):
     assert prehash.start([tmp_path / "missing.safetensors"]) is None
 
 
-def test_the_childs_fingerprint_is_the_models(world, tmp_path):
+def test_the_childs_fingerprint_is_the_models(mode, world, tmp_path):
     from flexmoe.io.fingerprint import fingerprint
     from flexmoe.io.model_dir import load_model_dir, save_model_dir
     from flexmoe.io.native import open_native
@@ -169,6 +178,7 @@ def test_children_leave_the_parent_a_core_and_stay_few(tmp_path, monkeypatch, cp
         files.append(tmp_path / f"f{i}.safetensors")
         files[-1].write_bytes(os.urandom(1024 * (i + 1)))
     monkeypatch.setattr(prehash, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(prehash, "INLINE_BYTES", 0)
     pre = prehash.start(files)
     try:
         assert len(pre._procs) == want
