@@ -47,7 +47,12 @@ MERGE_SETTINGS = [  # (name, routing, router_rows, top_k[, router cosine tempera
     # owner-fitted rows (recipes/owner_router.py): each owner runs `package --fit-router` on its own
     # data + public windows; `merge --routing topk --calibrate owner` stacks them (nothing pooled)
     ("topk2+owner_rows", "topk", "raw", 2),
+    # the pooled reference (benchmarks/topk_calibration.py "rows/P+O a0=0.1 (pooled)"): every row
+    # refitted in one place on public windows + each owner's own training windows, the document
+    # router's targets, anchor-only tokens weighed 0.1 (pooled, so opt-in and never a default)
+    ("topk2+pooled_rows", "topk", "raw", 2),
 ]
+POOLED_ROWS = dict(public_windows=96, own_windows=32, steps=300, anchor_only_weight=0.1)
 EMBED_CHUNK = 32
 ROUTER_TUNE = dict(fraction=0.05, steps=40, lr=1e-2)
 TRAIN_SETTINGS = {  # name -> (share of public data in expert batches, router bias, rows from the embedder)
@@ -201,6 +206,40 @@ def proxy_data(out: Path, train_dir: Path, seq_len: int, fraction: float) -> Pat
     return out
 
 
+def pooled_rows_merge(public, pkgs, out_dir: Path, public_data: Path, own_data: list[Path], seq_len: int) -> Path:
+    """The pooled top-k calibration (topk_calibration.py's "rows/P+O a0=0.1 (pooled)") as a merge:
+    the document-routed (`anchor_ngram`) merge into a scratch directory, recipes/calibrate.py's
+    calibrate_model on POOLED_ROWS["public_windows"] public windows plus POOLED_ROWS["own_windows"]
+    of each owner's training data (the document router's targets, anchor-only tokens weighed
+    POOLED_ROWS["anchor_only_weight"]), then the top-k merge with the fitted rows, as
+    recipes/calibrate.calibrated_merge does with generated text."""
+    import torch
+
+    from flexmoe.data import TokenWindows
+    from flexmoe.flex.merge import merge
+    from flexmoe.io.files import scratch_dir
+    from flexmoe.recipes import calibrate as cal
+    from flexmoe.train.load import load_model
+
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    with scratch_dir(out_dir) as scratch:
+        merge(public, pkgs, scratch / "doc", top_k=2, routing="anchor_ngram")
+        model_doc, _, _ = load_model(scratch / "doc", verify=False)
+        model_doc.eval()
+        parts = [cal.public_text(TokenWindows(public_data, seq_len), POOLED_ROWS["public_windows"], seq_len)]
+        parts += [cal.public_text(TokenWindows(d, seq_len), POOLED_ROWS["own_windows"], seq_len) for d in own_data]
+        tokens = torch.cat(parts)
+        tensors = cal.calibrate_model(model_doc, tokens, mode="rows", steps=POOLED_ROWS["steps"],
+                                      anchor_only_weight=POOLED_ROWS["anchor_only_weight"], log=lines.append)
+    record = {"mode": "rows", "pooled": True, **POOLED_ROWS, "seq_len": seq_len, "tokens": int(tokens.numel()),
+              "layers": lines, "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"topk2+pooled_rows: fitted on {tokens.numel()} tokens in {record['seconds']} s; " + "; ".join(lines),
+          flush=True)
+    return merge(public, pkgs, out_dir, top_k=2, routing="topk", verify=False, router_override=tensors,
+                 extra_meta={"calibration": record})
+
+
 def summarise(res: dict, expert_ppl: dict, public_ppl: dict, domains: list[str]) -> dict:
     """The report's routing-quality numbers (flexmoe.recipes.report.routing_quality) of one merge:
     drift is over every other eval domain, public text included."""
@@ -283,7 +322,7 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
             expert_ppl[d] = perplexity(model_logprobs(m.eval()), TokenWindows(val[d], args.seq_len), args.windows)
         for mname, routing, rows_t, k, *cos in [m for m in MERGE_SETTINGS if m[0] in args.merge]:
             mdir = base / f"merged-{mname}"
-            if not (mdir / "flexmoe.json").exists() and mname != "topk2+owner_rows":  # that one: below
+            if not (mdir / "flexmoe.json").exists() and mname not in ("topk2+owner_rows", "topk2+pooled_rows"):
                 _run(flexmoe + ["merge", str(branch_from), *map(str, pkgs), "--out", str(mdir), "--top-k", str(k),
                                 "--routing", routing, "--router-rows", rows_t,
                                 "--router-cosine-temp", str(cos[0] if cos else 0.0)], base / "merge.log", min(jobs, 2))
@@ -299,6 +338,9 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
                     fitted.append(fit)
                 _run(flexmoe + ["merge", str(branch_from), *map(str, fitted), "--out", str(mdir), "--routing", "topk",
                                 "--calibrate", "owner"], base / "merge.log", 1)
+            if mname == "topk2+pooled_rows" and not (mdir / "flexmoe.json").exists():
+                pooled_rows_merge(branch_from, pkgs, mdir, args.public_data, [data[d]["train"] for d in domains],
+                                  args.seq_len)
             router = None
             if mname == "anchor_embed":
                 if not args.embedder:
@@ -335,8 +377,8 @@ def run_set(name, corpora, public, out, args, jobs) -> list[dict]:
 
 
 def _label(r: dict) -> str:
-    """The merge setting's name; router tuning pools data across owners, so it says opt-in."""
-    return r["merge"] + (" (opt-in)" if "router_tune" in r["merge"] else "")
+    """The merge setting's name; router tuning and pooled rows pool data across owners, so they say opt-in."""
+    return r["merge"] + (" (opt-in)" if "router_tune" in r["merge"] or "pooled" in r["merge"] else "")
 
 
 def print_row(r: dict, domains: list[str]) -> None:
