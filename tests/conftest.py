@@ -30,3 +30,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: with more threads than free cores each op waits on the others (measured 150 s
+    for tests/flex/test_calibrate.py on 2 busy cores, 15 s on one thread). A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,14 +23,7 @@ def _agreement(model_doc, model_topk, tokens):
     return float(torch.stack(got).mean())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: with more threads than free cores each op waits on the others (measured 150 s
-    for this module on 2 busy cores, 15 s on one thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,7 @@ def _texts(domain: str, n: int, seed: int) -> str:
     return "\n".join(f"def f{r(9)}(x_{r(9)}):\n    return [{{x: y}} for (x, y) in z_{r(9)}.items()]" for _ in range(n))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread (more only wait on each other on busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,9 @@ processes for a core, and the results do not depend on the thread count beyond f
 """
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _privacy_one_thread(one_thread):
+    """Every privacy test module runs on one thread (tests/conftest.py's one_thread)."""
     yield
-    torch.set_num_threads(before)
