@@ -64,12 +64,13 @@ class Prehash:
 
     def __init__(self, paths: list[Path], workers: int | None = None, fingerprint: list[Path] = ()):
         fingerprint = [Path(p).resolve() for p in fingerprint]
-        files = sorted({Path(p).resolve() for p in [*paths, *fingerprint]}, key=lambda p: -p.stat().st_size)
+        size = {p: p.stat().st_size for p in {Path(p).resolve() for p in [*paths, *fingerprint]}}
+        files = sorted(size, key=lambda p: -size[p])
         self._owner: dict[Path, subprocess.Popen | None] = {}
         self._done: dict[Path | str, dict] = {}
         self._procs: list[subprocess.Popen] = []
         self._fp_files, self._fp_proc = [str(p) for p in fingerprint], None
-        if sum(f.stat().st_size for f in files) <= INLINE_BYTES:
+        if sum(size.values()) <= INLINE_BYTES:
             self._inline(files)
             return
         # One core stays with the parent, which imports torch and opens the inputs meanwhile; at most
@@ -81,7 +82,7 @@ class Prehash:
         for f in files:  # largest first onto the least-loaded child
             i = loads.index(min(loads))
             groups[i].append(f)
-            loads[i] += f.stat().st_size
+            loads[i] += size[f]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         for group in filter(None, groups):
             # The fingerprint reads its files again: the child that hashes the first of them does it.
