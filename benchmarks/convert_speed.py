@@ -8,7 +8,10 @@ Rows:
   8 layers, 4 experts), or of --model;
 - merge: a random dense public model (d_model 1024, d_ff 4096, 6 layers, vocabulary 8192) and 6
   random expert packages of it into a 7-expert model of 2.28 GB, written as --shard shards;
-- branch: the same public model into a 2-expert anchor.
+- branch: the same public model into a 2-expert anchor;
+- floor rows (merge_floor.py, standard library only): the merge's inputs sha256'd, copied in the
+  kernel and the copies sha256'd, and the same without hashing the copies: the least any merge
+  costs here that checks its inputs first and records a sha256 of every output file.
 Every input is itself written streaming (random chunks), so building needs no model-sized memory.
 Each step runs as its own process under a fresh wrapper, whose RUSAGE_CHILDREN ru_maxrss is that one
 process's peak RSS; the disk is synced before each run and the fastest of --repeat runs is shown.
@@ -38,7 +41,7 @@ from flexmoe.io.model_dir import META, read_json, write_json
 from flexmoe.io.native import open_native, write_native
 from flexmoe.io.schema import PACKAGE_FORMAT
 from flexmoe.io.stream import FilePool, stream_fingerprint
-from flexmoe.io.writer import Generated, write_file
+from flexmoe.io.writer import Generated, PartsTap, write_file
 from flexmoe.train.hardware import cpu_name
 
 BENCH_CFG = ModelConfig(vocab_size=8192, d_model=2048, num_layers=8, num_heads=16, d_ff=2048, num_experts=4, top_k=2)
@@ -97,8 +100,8 @@ def build_package(dst: Path, cfg: ModelConfig, fp: str, j: int) -> Path:
     for i in range(cfg.num_layers):
         shapes.update({package_weight_key(i, n): (D, F) if n == "down_proj" else (F, D) for n in EXPERT_WEIGHTS})
     tensors = {k: _random(shapes[k], 1000 * j + n) for n, k in enumerate(storage_order(shapes, moe=True))}
-    with FilePool() as pool:
-        digest = write_file(dst / "expert.safetensors", tensors, pool)
+    with FilePool() as pool:  # recorded by parts, one per tensor, as flex/package.py records it
+        digest = write_file(dst / "expert.safetensors", tensors, pool, taps=(PartsTap(()),))
     write_json(dst / "manifest.json", {
         "format": PACKAGE_FORMAT, "owner": f"owner{j}", "domain": f"domain{j}", "licence": "bench",
         "base_fingerprint": fp, "tokens_seen": 0, "dp": None, "consent": None,
@@ -180,6 +183,11 @@ def main() -> None:
                  "--max-shard-size", a.shard, "--quiet"], work / "merged", "cp merged output")
             steps["cp merged output"] = (["cp", "-r", str(work / "merged"), str(work / "merged-copy")],
                                          work / "merged-copy", None)
+            # What the format asks of any merge, with no torch and no per-tensor Python (merge_floor.py).
+            ins = [str(public / "model.safetensors"), *(str(x / "expert.safetensors") for x in pkgs)]
+            floor = [sys.executable, str(Path(__file__).with_name("merge_floor.py")), str(work / "floor")]
+            steps["floor: sha256 in, copy, sha256 out"] = ([*floor, *ins], work / "floor", "cp merged output")
+            steps["floor: sha256 in, copy"] = ([*floor, "--no-hash-out", *ins], work / "floor", "cp merged output")
         if "branch" in groups:
             steps[f"branch (shards {a.shard})"] = ([*cli, "branch", str(public), str(work / "anchor"), "--max-shard-size",
                                                     a.shard, "--quiet"], work / "anchor", "cp branch output")
@@ -208,8 +216,8 @@ def main() -> None:
                 continue
             size, largest = sizes[ref or name]
             xcp = f"{wall / rows[ref][0]:.1f}" if ref else "1.0"
-            above = "" if ref is None else f"{(rss - floor_rss) / 1e6:>15.0f} {largest / 1e6:>11.0f} " \
-                                           f"{(rss - floor_rss) / largest:>10.2f}"
+            above = "" if ref is None or name.startswith("floor:") else \
+                f"{(rss - floor_rss) / 1e6:>15.0f} {largest / 1e6:>11.0f} {(rss - floor_rss) / largest:>10.2f}"
             print(f"{name:<34} {size / 1e9:>7.2f} {wall:>7.2f} {cpu_s:>6.1f} {size / wall / 1e9:>6.2f} {xcp:>6} "
                   f"{rss / 1e6:>12.0f} {above}")
         print(f"load average at the end: {load:.1f} ({os.cpu_count()} cores)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -50,15 +51,15 @@ def test_cli_merge_uses_the_children_and_writes_the_library_merge(mode, world, t
 
     def spy(self, path):
         got = real(self, path)
-        used.append((path.name, got))
+        used.append((Path(path).resolve(), got))
         return got
 
     monkeypatch.setattr(prehash.Prehash, "digest", spy)
     args = [str(world["public"]), *map(str, world["pkgs"]), "--max-shard-size", "60KB", "--quiet"]
     assert cli(["merge", *args, "--out", str(tmp_path / "cli")]) == 0
     # every weight file of the public model and both packages came from a child, none was None
-    public_files = sorted(n for n in os.listdir(world["public"]) if n.startswith("model"))
-    assert sorted(n for n, _ in used) == sorted(public_files + ["expert.safetensors"] * 2)
+    public_files = {(world["public"] / n).resolve() for n in os.listdir(world["public"]) if n.startswith("model")}
+    assert {p for p, _ in used} == public_files | {(pkg / "expert.safetensors").resolve() for pkg in world["pkgs"]}
     assert all(d is not None for _, d in used)
     assert prehash.active() is None  # stopped with the command
     merge(world["public"], world["pkgs"], tmp_path / "lib", max_shard_size="60KB")
@@ -80,8 +81,8 @@ def test_corrupted_package_is_refused_before_any_output_byte(mode, world, tmp_pa
     rc = cli(["merge", str(world["public"]), str(world["pkgs"][0]), str(bad), "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and writes == []
-    assert err[-1].endswith(f"{bad / 'expert.safetensors'}: sha256 does not match {bad / 'manifest.json'}; "
-                            "the file is corrupted")
+    assert f"{bad / 'expert.safetensors'}: sha256 does not match {bad / 'manifest.json'}" in err[-1]
+    assert err[-1].endswith("; the file is corrupted")
     assert not (tmp_path / "m").exists() and not any(p.name.startswith(".m.") for p in tmp_path.iterdir())
 
 
@@ -171,17 +172,42 @@ def test_preallocate_reserves_the_size_and_tolerates_file_systems_without_it(tmp
     assert e.value.filename == str(tmp_path / "c")  # the command's one line names the file
 
 
-@pytest.mark.parametrize("cpus,want", [(2, 1), (4, 3), (64, prehash.MAX_WORKERS)])
-def test_children_leave_the_parent_a_core_and_stay_few(tmp_path, monkeypatch, cpus, want):
+@pytest.mark.parametrize("cpus,parts,want", [(1, False, 1), (2, False, 1), (4, False, 3), (2, True, 2), (4, True, 4),
+                                             (64, False, prehash.MAX_WORKERS)])
+def test_one_child_per_usable_cpu_and_few(tmp_path, monkeypatch, cpus, parts, want):
+    """One child per usable CPU, but one when the command's pass will hash too (inputs without parts)."""
     files = []
     for i in range(12):
         files.append(tmp_path / f"f{i}.safetensors")
         files[-1].write_bytes(os.urandom(1024 * (i + 1)))
     monkeypatch.setattr(prehash, "usable_cpus", lambda: cpus)
     monkeypatch.setattr(prehash, "INLINE_BYTES", 0)
-    pre = prehash.start(files)
+    pre = prehash.start(files, parts={f: [f.stat().st_size] for f in files} if parts else None)
     try:
         assert len(pre._procs) == want
-        assert [pre.digest(f) for f in files] == [sha256_file(f) for f in files]
+        assert [pre.digest(f) for f in files] == [[sha256_file(f)] if parts else sha256_file(f) for f in files]
+    finally:
+        prehash.stop()
+
+
+def test_the_fingerprint_is_a_job_of_its_own_weight(world, tmp_path, monkeypatch):
+    """With 2 children, the public model's file and its fingerprint (which reads it again) go to
+    different children, and both results are the model's."""
+    from flexmoe.io.fingerprint import fingerprint
+    from flexmoe.io.model_dir import load_model_dir
+    from flexmoe.io.native import open_native
+
+    monkeypatch.setattr(prehash, "usable_cpus", lambda: 3)
+    monkeypatch.setattr(prehash, "INLINE_BYTES", 0)
+    weights = prehash.listed_weight_files(world["public"], "flexmoe.json", model=True)
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(os.urandom(1024))
+    pre = prehash.start([*weights, small], fingerprint=weights)
+    try:
+        assert len(pre._procs) == 2
+        assert pre._fp_proc is not pre._owner[weights[0].resolve()]  # the two reads of the model run side by side
+        _, lazy, _ = open_native(world["public"])
+        assert prehash.known_fingerprint(lazy) == fingerprint(load_model_dir(world["public"])[1])
+        assert [pre.digest(f) for f in (*weights, small)] == [sha256_file(f) for f in (*weights, small)]
     finally:
         prehash.stop()

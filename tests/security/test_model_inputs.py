@@ -113,7 +113,7 @@ MODEL_CASES = {
     "experts-one-short": (_meta(lambda meta: meta["experts"].pop()), "generate-use", META, "lists 2 experts"),
     # the metadata file itself
     "meta-missing": (lambda m: (m / META).unlink(), "eval", META, "missing"),
-    "meta-format-2": (_meta(lambda meta: meta.update(format="flexmoe-model/2")), "generate", META, "format"),
+    "meta-format-9": (_meta(lambda meta: meta.update(format="flexmoe-model/9")), "generate", META, "format"),
     "meta-kind-unknown": (_meta(lambda meta: meta.update(kind="mixture")), "eval", META, "kind"),
     "files-empty": (_meta(lambda meta: meta.update(files={})), "export-hf", META, "files"),
     "files-outside": (_meta(lambda meta: meta["files"].update({"../public/" + WEIGHTS: "0" * 64})), "consent", META,

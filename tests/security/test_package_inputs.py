@@ -92,7 +92,7 @@ PACKAGE_CASES = {
     "files-list-other-name": (_manifest(lambda m: m.update(files={"notes.txt": m["files"][PKG_FILE]})), MANIFEST, "files"),
     "expert-bytes-changed": (lambda p, w: (p / PKG_FILE).write_bytes((p / PKG_FILE).read_bytes()[:-4] + b"\0\0\0\1"),
                              PKG_FILE, "sha256"),
-    "format-version-2": (_manifest(lambda m: m.update(format="flexmoe-expert-package/2")), MANIFEST, "format"),
+    "format-version-9": (_manifest(lambda m: m.update(format="flexmoe-expert-package/9")), MANIFEST, "format"),
     "format-missing": (_manifest(lambda m: m.pop("format")), MANIFEST, "format"),
     "owner-missing": (_manifest(lambda m: m.pop("owner")), MANIFEST, "owner"),
     "owner-int": (_manifest(lambda m: m.update(owner=7)), MANIFEST, "owner"),

@@ -107,10 +107,11 @@ def inputs_hashed_aside(models=(), packages=(), fingerprint_of: str | None = Non
     pass. Enter it before importing torch: the children hash while this process imports it."""
     from flexmoe.io import prehash
 
-    files = [f for m in models for f in prehash.listed_weight_files(m, "flexmoe.json", model=True)]
-    files += [f for pkg in packages for f in prehash.listed_weight_files(pkg, "manifest.json")]
+    records = {f: r for m in models for f, r in prehash.listed_records(m, "flexmoe.json", model=True).items()}
+    records.update({f: r for pkg in packages for f, r in prehash.listed_records(pkg, "manifest.json").items()})
     fp = prehash.listed_weight_files(fingerprint_of, "flexmoe.json", model=True) if fingerprint_of else []
-    prehash.start(files, fingerprint=fp)
+    pkg_files = [f for pkg in packages for f in prehash.listed_weight_files(pkg, "manifest.json")]
+    prehash.start(list(records), fingerprint=fp, parts=prehash.parts_of(records), finite=pkg_files)
     try:
         yield
     finally:

@@ -49,7 +49,7 @@ def export_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "
     if meta.get("experts") and cast is not None and any(t.dtype.is_floating_point and t.dtype != cast
                                                         for t in native.values()):
         # The experts' tensor_sha256 cover their stored bytes; import-hf binds the cast ones afresh.
-        meta = dict(meta, experts=[{k: v for k, v in e.items() if k != "tensor_sha256"}
+        meta = dict(meta, experts=[{k: v for k, v in e.items() if k not in ("tensor_sha256", "tensor_sha256_format")}
                                    for e in meta.get("experts") or []])
     doc = doc_release(src, cfg)  # anchor_* merges: a release with its own modeling file (hf_doc.py)
     keep = set(doc.keys) if doc else set()  # tensors written as stored whatever --dtype says

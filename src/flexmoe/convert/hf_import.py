@@ -8,6 +8,7 @@ from typing import Any
 
 from flexmoe.io.extras import ROUTER_PUBLIC, read_extras, with_profile_buckets
 from flexmoe.io.hf_dir import copy_tokenizer, expert_names, open_hf_dir
+from flexmoe.io.fingerprint import TENSOR_SHA256_FORMAT, bound, record_format
 from flexmoe.io.native import expert_tap, parse_size, write_native
 from flexmoe.io.progress import Progress
 from flexmoe.io.model_dir import META, CheckpointError, atomic_dir, refuse_overlap
@@ -38,7 +39,7 @@ def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
         # checkpoint that fails to read fails before anything is written.
         fp = stream_fingerprint(tensors, pool)
         meta: dict[str, Any] = {"source": {"format": "hf", "architecture": ck.architecture, "path": str(src)}}
-        tap = expert_tap(cfg) if cfg.is_moe else None
+        tap = None
         if cfg.is_moe:
             # Hashes an export carried must match the slots (checked after the pass that computes
             # them, before the rename); every expert is bound from here on.
@@ -47,6 +48,8 @@ def import_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
             src_meta = read_record(src / META, HF_META) if (src / META).is_file() else {}
             if src_meta.get("removed"):
                 meta["removed"] = src_meta["removed"]
+            # Each slot is bound afresh; a hash an export carried is checked in its own format.
+            tap = expert_tap(cfg, [[j, (j, record_format(e))] for j, e in enumerate(meta["experts"])])
         else:
             meta.update(kind="public", fingerprint=fp)
         if _is_flexmoe_bytes(src):  # an export of a bytes model: ids are bytes, as data made with --tokenizer bytes
@@ -68,10 +71,10 @@ def _bind(meta: dict[str, Any], tap, listed_in: Path) -> dict[str, Any]:
     """Each expert record gets its slot's tensor_sha256; one an export carried must equal it."""
     digests, experts = tap.digests(), []
     for j, e in enumerate(meta["experts"]):
-        if e.get("tensor_sha256") not in (None, digests[(j, j)]):
+        if e.get("tensor_sha256") not in (None, digests[(j, j, record_format(e))]):
             raise CheckpointError(f"{listed_in}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) does not "
                                   "match its tensor_sha256; the expert was swapped or altered, do not use this model")
-        experts.append(dict(e, tensor_sha256=digests[(j, j)]))
+        experts.append(bound(e, digests[(j, j, TENSOR_SHA256_FORMAT)]))
     return dict(meta, experts=experts)
 
 

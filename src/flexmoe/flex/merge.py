@@ -1,21 +1,20 @@
 """Merge: the public model + any N expert packages -> one (N+1)-expert MoE, streamed.
 
-Inputs may also be Hugging Face directories: 2-expert FlexOlmo checkpoints as experts and a
-dense Olmo2 as the public model (see flex/hf_inputs.py). For a Hugging Face output, run
-`flexmoe export-hf` on the merged directory.
+Inputs may also be Hugging Face directories: 2-expert FlexOlmo checkpoints as experts and a dense
+Olmo2 as the public model (flex/hf_inputs.py). For a Hugging Face output, run `flexmoe export-hf`.
 
 Every output tensor is built from byte spans of its inputs: expert slot 0 from the public model's
 dense FFN, slot j from package j, router rows stacked (and transformed) in memory, shared tensors
-copied from the public model or averaged chunk by chunk. They are written shard by shard
-(`max_shard_size`), so memory stays at a few read chunks plus the router rows, whatever the
-number of experts or the model size.
+copied from the public model or averaged chunk by chunk, written shard by shard (`max_shard_size`):
+memory stays at a few read chunks plus the router rows, whatever the number of experts or the model
+size. Bytes copied from a verified part of a parts-recorded input are recorded by its digest (io.digests).
 
 Checked before writing: the public model's fingerprint, every manifest, file listing, tensor name,
 shape, dtype and small tensor, fingerprints, duplicate domains, and under `flexmoe merge` every
-input's sha256 (child processes hash them while this one imports torch: io.prehash). A library
-call checks packages' sha256s in the pass that copies them; finiteness is checked there too. A
-mismatch discards the output before it is renamed into place; a refusal is one line naming the
-file at fault (the sha256 mismatch when a file's bytes are not its manifest's), and leaves no output.
+input's digests (child processes hash them while this one imports torch: io.prehash); a library
+call checks them in the pass that copies them, finiteness too, and a mismatch discards the output
+before it is renamed into place. A refusal is one line naming the file at fault (the digest
+mismatch first when a file's bytes are not its manifest's), and leaves no output.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import torch
 
 from flexmoe.config.model import ROUTINGS
 from flexmoe.io import prehash
+from flexmoe.io.digests import entry_sha256
 from flexmoe.io.hf_dir import hf_architecture
 from flexmoe.flex.hf_inputs import read_hf_anchor, read_hf_public
 from flexmoe.io.model_dir import META, CheckpointError, atomic_dir, refuse_overlap
@@ -206,7 +206,7 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
                 "consent": meta.get("consent") or PUBLIC_CONSENT}]
     for j, (pkg, m, _) in enumerate(loaded, start=1):
         experts.append({"slot": j, "owner": m["owner"], "domain": m["domain"], "licence": m.get("licence"),
-                        "package_sha256": m["files"].get(TENSORS), "tokens_seen": m.get("tokens_seen"),
+                        "package_sha256": entry_sha256(m["files"].get(TENSORS)), "tokens_seen": m.get("tokens_seen"),
                         "dp": m.get("dp"), "consent": m.get("consent"), "source": str(pkg),
                         **{k: m[k] for k in ("profile_dp", "privacy_total") if k in m}})  # a DP n-gram profile
     new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts,

@@ -15,9 +15,9 @@ import torch
 
 from flexmoe.config.model import NATIVE_BUFFERS
 from flexmoe.io.model_dir import CheckpointError, atomic_dir, load_model_dir, write_json
-from flexmoe.io.files import sha256_file
+from flexmoe.io.digests import verify as verify_digest
 from flexmoe.io.stream import FilePool, LazyTensor, read_header
-from flexmoe.io.writer import write_file
+from flexmoe.io.writer import PartsTap, write_file
 from flexmoe.flex.consent import make_consent
 from flexmoe.io.fingerprint import fingerprint
 from flexmoe.io.keys import (EXPERT_WEIGHTS, SHARED_PREFIX, experts_key, is_shared_key, package_bias_key, package_layer_of,
@@ -121,8 +121,11 @@ def make_package(trained_dir: str | Path, out_dir: str | Path, *, owner: str, do
             check_package_value(trained_dir, fitted_router_key(i), tensors[fitted_router_key(i)])
         check(record, FITTED_ROUTER_RECORD, f"{trained_dir}: fitted router record")
     with FilePool() as pool, atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        # In storage order: merge then reads the file front to back, verifying its sha256 as it copies.
-        digest = write_file(tmp / TENSORS, {k: tensors[k] for k in storage_order(tensors, moe=True)}, pool)
+        # In storage order: merge then reads the file front to back, verifying it as it copies. Recorded
+        # by parts, one per tensor (io.digests): a merge copies each expert tensor into a slot of the
+        # merged model and takes its verified digest instead of hashing the bytes again.
+        digest = write_file(tmp / TENSORS, {k: tensors[k] for k in storage_order(tensors, moe=True)}, pool,
+                            taps=(PartsTap(()),))
         manifest = {
             "format": FORMAT, "owner": owner, "domain": domain, "licence": licence,
             "base_fingerprint": base_fp, "tokens_seen": int(meta.get("tokens_seen", 0)),
@@ -178,8 +181,8 @@ def open_package(pkg_dir: str | Path, verify: bool = True, defer: FilePool | Non
             raise CheckpointError(f"{f}: missing")
         if verify and defer is not None:
             defer.expect(f, digest, pkg_dir / MANIFEST)
-        elif verify and sha256_file(f) != digest:
-            raise CheckpointError(f"{f}: sha256 does not match {pkg_dir / MANIFEST}; the file is corrupted")
+        elif verify:
+            verify_digest(f, digest, pkg_dir / MANIFEST)
     try:
         tensors, _ = read_header(pkg_dir / TENSORS)
         check_package_tensors(pkg_dir / TENSORS, manifest, tensors)

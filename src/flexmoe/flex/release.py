@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from flexmoe.io.fingerprint import TENSOR_SHA256_FORMAT, bound, compose, record_format, slot_line
 from flexmoe.io.native import expert_tap, open_native, parse_size, write_native
 from flexmoe.io.progress import Progress
 from flexmoe.io.model_dir import META, CheckpointError, atomic_dir, refuse_overlap
@@ -68,20 +69,22 @@ def _remove(src: Path, dst: Path, name: str, cfg, tensors, meta, pool: FilePool,
     record = dict(experts[slot], removed=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     # Slots move up, and a slot's tensor_sha256 names its slot: kept slot i (source slot keep[i]) is
     # hashed under both numbers, to bind the new record and to verify the source's.
-    hashes = expert_tap(new_cfg, [[i, j] for i, j in enumerate(keep)])
+    # (the source's in the format of its record).
+    hashes = expert_tap(new_cfg, [[i, (j, record_format(experts[j]))] for i, j in enumerate(keep)])
     written = _Digests()
 
     def finish(new_meta: dict[str, Any]) -> dict[str, Any]:
         got = hashes.digests()
         if verify:
-            source = {j: got[(i, j)] for i, j in enumerate(keep)} | {slot: removed.expert_hash.hexdigest()}
+            source = {j: got[(i, j, record_format(experts[j]))] for i, j in enumerate(keep)} | \
+                {slot: removed.digest(record_format(experts[slot]))}
             for j, e in enumerate(experts):
                 if e.get("tensor_sha256") and source[j] != e["tensor_sha256"]:
                     raise CheckpointError(f"{src / META}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) does not "
                                           "match its tensor_sha256; the expert was swapped or altered, do not use this "
                                           "model")
         _prove_absent(removed, written, tensors)
-        kept = [dict(experts[j], slot=i, tensor_sha256=got[(i, i)]) for i, j in enumerate(keep)]
+        kept = [bound(dict(experts[j], slot=i), got[(i, i, TENSOR_SHA256_FORMAT)]) for i, j in enumerate(keep)]
         return dict(new_meta, experts=kept, removed=list(meta.get("removed") or []) + [record])
 
     with atomic_dir(dst, overwrite=overwrite, flag="--overwrite") as tmp:
@@ -100,7 +103,8 @@ class _Removed:
         from flexmoe.io.fingerprint import expert_record_keys
 
         self.slot, self.expert_hash = slot, hashlib.sha256()
-        self.records = set(expert_record_keys(num_layers))  # membership; the pass reads them in record order
+        self.order = expert_record_keys(num_layers)
+        self.records = set(self.order)  # membership; the pass reads them in record order
         self.slices: dict[str, tuple[Any, bool, LazyTensor]] = {}
 
     def part(self, key: str, t: LazyTensor) -> Skipped:
@@ -116,6 +120,13 @@ class _Removed:
                 self.expert_hash.update(c)
             self.slices[key] = (h, nonzero or bool(torch.frombuffer(c, dtype=torch.uint8).any()), t)
         return Skipped(t, begin, piece)
+
+    def digest(self, version: int) -> str:
+        """The removed slot's tensor_sha256 in the source, in format `version` (io.fingerprint)."""
+        if version == 1:
+            return self.expert_hash.hexdigest()
+        return compose(slot_line(k, self.slot, self.slices[k][2].dtype, self.slices[k][2].shape,
+                                 self.slices[k][0].hexdigest()) for k in self.order)
 
     def secrets(self) -> dict[str, tuple[str, LazyTensor]]:
         """sha256 -> (name, slice) of each slice that could identify the expert.
@@ -139,6 +150,9 @@ class _Digests(SlotTap):
         self._whole = (name, hashlib.sha256())
         self.names = {name} if len(src.shape) >= 2 else set()
         super().begin(name, src)
+
+    def wants(self, name):
+        return True  # every tensor's whole digest
 
     def update(self, name, offset, data, jobs):
         jobs.append(functools.partial(self._whole[1].update, data))

@@ -54,26 +54,66 @@ def expert_record_keys(num_layers: int) -> list[str]:
     return [key for i in range(num_layers) for key in [experts_key(i, n) for n in EXPERT_WEIGHTS] + [router_weight_key(i)]]
 
 
-def expert_tensor_sha256(sd: Mapping[str, Any], slot: int, num_layers: int,
-                         chunks: Callable[[Any], Iterable[bytes]] = _tensor_bytes) -> str:
-    """sha256 over one expert slot's FFN tensors and router row in every layer (name, dtype, shape, bytes).
+TENSOR_SHA256_FORMAT = 2  # what writers bind; a record without `tensor_sha256_format` is 1
 
+
+def record_format(expert: Mapping[str, Any]) -> int:
+    """The definition an expert record's tensor_sha256 follows (1 when the record does not say)."""
+    return int(expert.get("tensor_sha256_format", 1))
+
+
+def bound(expert: dict[str, Any], digest: str) -> dict[str, Any]:
+    """The expert record bound to its slot by `digest`, a TENSOR_SHA256_FORMAT tensor_sha256."""
+    return dict(expert, tensor_sha256=digest, tensor_sha256_format=TENSOR_SHA256_FORMAT)
+
+
+def slot_line(key: str, slot: int, dtype, shape, leaf: str) -> str:
+    """Format 2's line for one tensor of a slot: name, slot, dtype, shape and the sha256 of its bytes."""
+    return f"{key}[{slot}]|{dtype}|{tuple(shape)}|{leaf}\n"
+
+
+def compose(lines: Iterable[str]) -> str:
+    """Format 2's tensor_sha256: the sha256 of the slot's lines (slot_line), in record order."""
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def expert_tensor_sha256(sd: Mapping[str, Any], slot: int, num_layers: int,
+                         chunks: Callable[[Any], Iterable[bytes]] = _tensor_bytes, version: int = TENSOR_SHA256_FORMAT,
+                         leaves: Callable[[str, int], str | None] | None = None) -> str:
+    """One expert slot's identity over its FFN tensors and router row in every layer.
+
+    Format 1: the sha256 over each tensor's "name[slot]|dtype|shape" line and bytes, in record order.
+    Format 2: the sha256 over each tensor's slot_line, which carries the sha256 of that tensor's bytes
+    (its leaf): a leaf is the digest of one part of a parts-recorded file (io.digests), so a merge
+    composes its records from digests its inputs' verified records give, and a reader whose files
+    were verified part by part takes `leaves(key, slot)` instead of hashing the bytes again.
     `sd` holds torch tensors, or lazy tensors with `chunks` yielding their bytes (io.stream's
     `FilePool.chunks`): both give the same digest, so a model too large to load is checked streaming."""
-    h = hashlib.sha256()
+    h, lines = hashlib.sha256(), []
     for key in expert_record_keys(num_layers):
         if key not in sd:
             raise CheckpointError(f"tensor {key} missing: not a merged MoE state dict")
         t = sd[key][slot]
-        h.update(f"{key}[{slot}]|{t.dtype}|{tuple(t.shape)}\n".encode())
-        for c in chunks(t):
-            h.update(c)
-    return h.hexdigest()
+        if version == 1:
+            h.update(f"{key}[{slot}]|{t.dtype}|{tuple(t.shape)}\n".encode())
+            for c in chunks(t):
+                h.update(c)
+            continue
+        leaf = leaves(key, slot) if leaves is not None else None
+        if leaf is None:
+            part = hashlib.sha256()
+            for c in chunks(t):
+                part.update(c)
+            leaf = part.hexdigest()
+        lines.append(slot_line(key, slot, t.dtype, t.shape, leaf))
+    return h.hexdigest() if version == 1 else compose(lines)
 
 
 def verify_expert_hashes(sd: Mapping[str, Any], meta: dict[str, Any], num_layers: int, where: str | Path = "",
-                         chunks: Callable[[Any], Iterable[bytes]] = _tensor_bytes, meta_name: str = "flexmoe.json") -> int:
-    """Check every `tensor_sha256` in meta's experts against `sd`; returns how many were checked.
+                         chunks: Callable[[Any], Iterable[bytes]] = _tensor_bytes, meta_name: str = "flexmoe.json",
+                         leaves: Callable[[str, int], str | None] | None = None) -> int:
+    """Check every `tensor_sha256` in meta's experts against `sd` (each by its record's format, with
+    verified `leaves` where given: see expert_tensor_sha256); returns how many were checked.
 
     Which entries must carry one is the reader's rule (a merged model: all of them, see
     model_dir.check_model_meta); an entry without one is skipped here."""
@@ -87,7 +127,7 @@ def verify_expert_hashes(sd: Mapping[str, Any], meta: dict[str, Any], num_layers
             raise CheckpointError(f"{Path(where) / meta_name}: lists {len(experts)} experts, the weights hold "
                                   f"{_num_slots(sd)}; the record does not belong to these weights")
         try:
-            digest = expert_tensor_sha256(sd, j, num_layers, chunks)
+            digest = expert_tensor_sha256(sd, j, num_layers, chunks, version=record_format(e), leaves=leaves)
         except CheckpointError as e:  # name the directory: the bare message names only a tensor
             raise CheckpointError(f"{where}: {e}") from e
         if digest != want:
@@ -115,8 +155,12 @@ def bind_expert_hashes(experts: list[dict[str, Any]], sd: Mapping[str, Any], num
     out = []
     for j, e in enumerate(experts):
         digest = expert_tensor_sha256(sd, j, num_layers, chunks)
-        if check_against is not None and e.get("tensor_sha256") not in (None, digest):
-            raise CheckpointError(f"{check_against}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) does not "
-                                  "match its tensor_sha256; the expert was swapped or altered, do not use this model")
-        out.append(dict(e, tensor_sha256=digest))
+        if check_against is not None and e.get("tensor_sha256") is not None:
+            had = digest if record_format(e) == TENSOR_SHA256_FORMAT else \
+                expert_tensor_sha256(sd, j, num_layers, chunks, version=record_format(e))
+            if had != e["tensor_sha256"]:
+                raise CheckpointError(f"{check_against}: expert slot {j} ({e.get('owner')}/{e.get('domain')}) does "
+                                      "not match its tensor_sha256; the expert was swapped or altered, do not use this "
+                                      "model")
+        out.append(bound(e, digest))
     return out

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from flexmoe.io.errors import CheckpointError  # defined there so io/schema and io/fingerprint can raise it
 from flexmoe.io.files import atomic_output_dir, atomic_write_text, is_temp_dir, sha256_file  # noqa: F401  (re-exported)
+from flexmoe.io.digests import verify as verify_digest
 from flexmoe.io.fingerprint import verify_expert_hashes
 from flexmoe.io.schema import MODEL_META, RESERVED_NAMES, check
 from flexmoe.io.shards import INDEX, is_weight_file, read_weights, weight_layout
@@ -152,7 +153,8 @@ def check_model_meta(src: Path, meta: dict[str, Any]) -> None:
 
 
 def verify_files(src: Path, meta: dict[str, Any], defer=None) -> None:
-    """Every file listed in flexmoe.json's `files` must be a plain file inside `src` with its recorded sha256.
+    """Every file listed in flexmoe.json's `files` must be a plain file inside `src` with its recorded
+    sha256 (or parts' sha256s: io.digests).
 
     `defer` (an io.stream.FilePool): the weight files are not hashed here but registered with it, to be
     hashed by the pass that reads them (`FilePool.check_expected` refuses a mismatch)."""
@@ -165,8 +167,8 @@ def verify_files(src: Path, meta: dict[str, Any], defer=None) -> None:
             raise CheckpointError(f"{f}: missing")
         if defer is not None and is_weight_file(name) and name != INDEX:
             defer.expect(f, digest, src / META)
-        elif sha256_file(f) != digest:
-            raise CheckpointError(f"{f}: sha256 does not match {src / META}; the file is corrupted")
+        else:
+            verify_digest(f, digest, src / META)
 
 
 def check_weight_listing(src: Path, meta: dict[str, Any]) -> list[str]:

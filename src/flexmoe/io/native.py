@@ -13,16 +13,16 @@ from typing import Any, Callable
 
 from flexmoe.config.model import ModelConfig
 from flexmoe.config.sizes import parse_size  # noqa: F401  (re-exported: writers' --max-shard-size)
-from flexmoe.io.keys import NATIVE_ONLY, native_shapes, storage_order
+from flexmoe.io.keys import NATIVE_ONLY, is_per_expert_key, native_shapes, storage_order
 from flexmoe.io.hf_dir import hf_architecture
 from flexmoe.io.model_dir import (CONFIG, META, CheckpointError, carry_tokenizer, check_weight_listing, read_model_meta, refuse_temp_dir,
                                   verify_files, write_json)
 from flexmoe.io.files import sha256_file
-from flexmoe.io.fingerprint import expert_record_keys, verify_expert_hashes
+from flexmoe.io.fingerprint import bound, compose, expert_record_keys, slot_line, verify_expert_hashes
 from flexmoe.io.schema import MODEL_FORMAT
 from flexmoe.io.shards import read_weights
 from flexmoe.io.stream import FilePool, LazyTensor
-from flexmoe.io.writer import ExpertHashTap, Source, Tap, write_tensors
+from flexmoe.io.writer import ExpertHashTap, PartsTap, Source, Tap, write_tensors
 
 
 def open_native(src: str | Path, verify: bool = True, defer: FilePool | None = None
@@ -87,25 +87,31 @@ def write_native(tmp: Path, cfg: ModelConfig, tensors: dict[str, Source], meta: 
     `tensors`: lazy tensors (byte spans of input files), tensors in memory, or io.writer's Stacked /
     Generated, in any mix; written in `keys.storage_order` (or `order`), as one model.safetensors or as shards
     of at most `max_shard_size` (bytes or '5GB') with model.safetensors.index.json. Every file's
-    sha256 is taken from the bytes as they are written. With `bind_experts`, meta's `experts`
-    records get each slot's tensor_sha256 from the same pass. Input files registered with
+    entry is taken from the bytes as they are written: its parts (io.digests), a per-expert tensor
+    slot by slot, each part's sha256 hashed or, for bytes copied from a part of an input verified
+    before the pass (`pool.known`), taken from that input's record. With `bind_experts`, meta's
+    `experts` records get each slot's tensor_sha256 (format 2) composed from those parts. Input files registered with
     `pool.expect` are verified after the pass, then `finish(meta)` runs (a caller's checks of what
     its taps saw; it may raise, and returns the meta to write). meta gains the sha256s of the
     weights, the config and the files named in `hashed` (already in `tmp`)."""
     order = storage_order(tensors, cfg.is_moe) if order is None else order
-    bind = expert_tap(cfg) if bind_experts else None
+    # Weight files are recorded by parts (io.digests), per-expert tensors slot by slot: bytes copied
+    # from a verified part of an input take its digest, and the experts' records compose from them.
+    parts = PartsTap([k for k in order if is_per_expert_key(k)], pool.known)
     try:
         files = write_tensors(tmp, {k: tensors[k] for k in order}, pool, max_shard_size=parse_size(max_shard_size),
-                              taps=(*taps, *([bind] if bind else [])), progress=progress)
+                              taps=(*taps, parts), progress=progress)
         pool.check_expected()
     except CheckpointError as e:  # a corrupted input explains whatever went wrong while it was read
         err = pool.blame(e)
         if err is e:
             raise
         raise err from e
-    if bind is not None:
-        digests = bind.digests()
-        meta = dict(meta, experts=[dict(e, tensor_sha256=digests[(j, j)]) for j, e in enumerate(meta["experts"])])
+    if bind_experts:
+        records = expert_record_keys(cfg.num_layers)
+        meta = dict(meta, experts=[bound(e, compose(
+            slot_line(k, j, tensors[k].dtype, tuple(tensors[k].shape[1:]), parts.leaves[(k, j)]) for k in records))
+            for j, e in enumerate(meta["experts"])])
     if finish is not None:
         meta = finish(meta)
     cfg.save(tmp / CONFIG)

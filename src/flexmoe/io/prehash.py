@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flexmoe.io.digests import hash_file, is_parts, part_lengths
 from flexmoe.io.errors import CheckpointError
 
 CHUNK = 1 << 24
@@ -47,14 +48,72 @@ def _stat_key(path: str | Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
-def _hash_one(path: str) -> dict:
+def _hash_one(path: str, lengths: list[int] | None = None, finite: bool = False) -> dict:
+    """The file's sha256 (or with `lengths` its parts' sha256s: io.digests) and its stat key; with
+    `finite`, also `nonfinite`: the first tensor holding NaN or Inf ("" when none does), from the
+    same read (absent when the file is not a safetensors file this reader can check)."""
     before = _stat_key(path)
-    h, buf = hashlib.sha256(), bytearray(CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return {"path": path, "sha256": h.hexdigest(), "stat": before if _stat_key(path) == before else None}
+    try:
+        check = _Finite(path) if finite else None
+    except (OSError, ValueError, KeyError, TypeError, struct.error, ImportError):
+        check = None  # the parent checks the values itself
+    got = hash_file(path, lengths, visit=check)
+    rec = {"path": path, "sha256": got, "stat": before if _stat_key(path) == before else None}
+    if check is not None:
+        rec["nonfinite"] = check.bad or ""
+    return rec
+
+
+# The bits of each float dtype's exponent: all set means Inf or NaN (float8 e4m3fn: the NaN pattern).
+_NONFINITE = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
+              "BF16": ("<u2", 0x7F80), "F8_E4M3": ("u1", 0x7F), "F8_E5M2": ("u1", 0x7C)}
+_NUMPY_FLOAT = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}  # checked by a sum first: one pass, no temporary
+
+
+class _Finite:
+    """Fed a safetensors file's bytes in order (hash_file's `visit`), finds the first floating-point
+    tensor holding NaN or Inf; `bad` is its name."""
+
+    def __init__(self, path: str):
+        import numpy as np
+
+        self.np = np
+        with open(path, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        self.regions = sorted((8 + n + int(e["data_offsets"][0]), 8 + n + int(e["data_offsets"][1]), e["dtype"], name)
+                              for name, e in header.items() if e["dtype"] in _NONFINITE)
+        self.bad, self._i, self._carry = None, 0, b""
+
+    def __call__(self, offset: int, view) -> None:
+        end = offset + len(view)
+        while self._i < len(self.regions) and self.bad is None:
+            lo, hi, dtype, name = self.regions[self._i]
+            if lo >= end:
+                return
+            if hi > offset:
+                data = bytes(self._carry) + bytes(view[max(lo, offset) - offset:min(hi, end) - offset]) \
+                    if self._carry else view[max(lo, offset) - offset:min(hi, end) - offset]
+                kind, mask = _NONFINITE[dtype]
+                size = self.np.dtype(kind).itemsize
+                whole = len(data) // size * size  # an element split between two reads waits for the rest
+                if self._nonfinite(data[:whole], dtype, kind, mask):
+                    self.bad = name
+                self._carry = bytes(data[whole:])
+            if hi > end:
+                return
+            self._i, self._carry = self._i + 1, b""
+
+    def _nonfinite(self, data, dtype: str, kind: str, mask: int) -> bool:
+        np = self.np
+        if dtype in _NUMPY_FLOAT:
+            values = np.frombuffer(data, dtype=_NUMPY_FLOAT[dtype])
+            with np.errstate(over="ignore", invalid="ignore"):
+                # A sum is finite only if every value is (or it overflowed: then look at each value).
+                return not np.isfinite(values.sum()) and not bool(np.isfinite(values).all())
+        bits = np.frombuffer(data, dtype=kind)
+        return bool(((bits & mask) == mask).any())
 
 
 class Prehash:
@@ -62,10 +121,14 @@ class Prehash:
     here and now when they total at most INLINE_BYTES (a child's start-up, ~0.15 s, would cost
     more than hashing them; measured: a tiny merge took 0.17 s with a child, 0.02 s without)."""
 
-    def __init__(self, paths: list[Path], workers: int | None = None, fingerprint: list[Path] = ()):
+    def __init__(self, paths: list[Path], workers: int | None = None, fingerprint: list[Path] = (),
+                 parts: dict[Path, list[int]] | None = None, finite: list[Path] = ()):
         fingerprint = [Path(p).resolve() for p in fingerprint]
         size = {p: p.stat().st_size for p in {Path(p).resolve() for p in [*paths, *fingerprint]}}
         files = sorted(size, key=lambda p: -size[p])
+        # Files whose listing records parts (io.digests) are hashed part by part.
+        self._parts = {str(Path(p).resolve()): list(n) for p, n in (parts or {}).items()}
+        self._finite = {str(Path(p).resolve()) for p in finite}  # also checked for NaN / Inf (expert weights)
         self._owner: dict[Path, subprocess.Popen | None] = {}
         self._done: dict[Path | str, dict] = {}
         self._procs: list[subprocess.Popen] = []
@@ -73,31 +136,46 @@ class Prehash:
         if sum(size.values()) <= INLINE_BYTES:
             self._inline(files)
             return
-        # One core stays with the parent, which imports torch and opens the inputs meanwhile; at most
-        # MAX_WORKERS children (each holds a chunk and an interpreter, ~30 MB), which is about what
-        # memory bandwidth feeds anyway.
-        workers = max(1, min(workers or min(MAX_WORKERS, usable_cpus() - 1), len(files)))
-        groups: list[list[Path]] = [[] for _ in range(workers)]
+        # When every input records parts, the command's own pass copies in the kernel and hashes
+        # nothing: one child per usable CPU, the parent's included (it imports torch, then waits;
+        # measured on 2 cores: a merge took 6.6 s with 2 children, 7.2-8.2 s with 1). Otherwise
+        # that pass hashes what it copies and one core stays with the parent (9.9-10.6 s with 2
+        # children, 8.3-9.1 with 1). At most MAX_WORKERS (each holds a chunk and an interpreter,
+        # ~30 MB), about what memory bandwidth feeds anyway. The fingerprint reads its files
+        # again: it is one more job, weighed by those files' size.
+        jobs: list = files + (["fingerprint"] if fingerprint else [])
+        weight = {**size, "fingerprint": sum(size[p] for p in fingerprint)}
+        jobs.sort(key=lambda j: -weight[j])
+        spare = 0 if all(str(f) in self._parts for f in files) else 1
+        workers = max(1, min(workers or min(MAX_WORKERS, usable_cpus() - spare), len(jobs)))
+        groups: list[list] = [[] for _ in range(workers)]
         loads = [0] * workers
-        for f in files:  # largest first onto the least-loaded child
+        for job in jobs:  # largest first onto the least-loaded child
             i = loads.index(min(loads))
-            groups[i].append(f)
-            loads[i] += size[f]
+            groups[i].append(job)
+            loads[i] += weight[job]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         for group in filter(None, groups):
-            # The fingerprint reads its files again: the child that hashes the first of them does it.
-            extra = ["--fingerprint", *self._fp_files] if fingerprint and fingerprint[0] in group else []
-            proc = subprocess.Popen([sys.executable, "-m", "flexmoe.io.prehash", *map(str, group), *extra],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            paths = [j for j in group if j != "fingerprint"]
+            extra = ["--fingerprint", *self._fp_files] if "fingerprint" in group else []
+            proc = subprocess.Popen([sys.executable, "-m", "flexmoe.io.prehash", *map(str, paths), *extra],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                    env=env)
+            try:  # which files record parts (their lengths) and which to check for NaN / Inf, as JSON
+                proc.stdin.write(json.dumps({"parts": {f: self._parts[f] for f in map(str, paths) if f in self._parts},
+                                             "finite": [f for f in map(str, paths) if f in self._finite]}))
+                proc.stdin.close()
+            except OSError:
+                pass  # a child that died: the parent hashes its files itself
             self._procs.append(proc)
-            self._owner.update({f: proc for f in group})
+            self._owner.update({f: proc for f in paths})
             self._fp_proc = proc if extra else self._fp_proc
 
     def _inline(self, files: list[Path]) -> None:
         for f in files:
             self._owner[f] = None
             try:
-                self._done[f] = _hash_one(str(f))
+                self._done[f] = _hash_one(str(f), self._parts.get(str(f)), str(f) in self._finite)
             except OSError:
                 pass  # the reader hashes it and reports what is wrong
         if self._fp_files:
@@ -127,9 +205,10 @@ class Prehash:
         rec = self._done.get("fingerprint")
         return rec["fingerprint"] if rec is not None else None
 
-    def digest(self, path: Path) -> str | None:
-        """The file's sha256 as a child read it; None if no child did (the caller hashes it itself).
-        Refuses a file whose size, mtime, inode or device changed since. Waits for the child."""
+    def digest(self, path: Path) -> str | list | None:
+        """The file's sha256 (its parts' sha256s when its listing records parts) as a child read it;
+        None if no child did (the caller hashes it itself). Refuses a file whose size, mtime, inode
+        or device changed since. Waits for the child."""
         path = Path(path).resolve()
         self._read_until(self._owner.get(path), lambda: path in self._done)
         rec = self._done.get(path)
@@ -142,6 +221,13 @@ class Prehash:
         if not unchanged:
             raise CheckpointError(f"{path}: changed while it was being read; re-run once nothing writes to it")
         return rec["sha256"]
+
+    def nonfinite(self, path: Path) -> str | None:
+        """The first tensor of `path` holding NaN or Inf as the child that hashed it found ("" when none
+        does); None when no child checked (the caller checks the values itself). Refuses a changed file."""
+        if self.digest(path) is None:
+            return None
+        return self._done[Path(path).resolve()].get("nonfinite")
 
     def close(self) -> None:
         """Kill the children still running and reap them all."""
@@ -158,16 +244,18 @@ def _plain(paths) -> list[Path]:
     return [Path(p) for p in paths if Path(p).is_file() and not Path(p).is_symlink()]
 
 
-def start(paths: list[Path], fingerprint: list[Path] = ()) -> Prehash | None:
-    """Begin hashing `paths` (those that are plain files) in child processes, and the fingerprint of the
-    dense model whose weight files are `fingerprint`; the result is the one `active()` returns until
-    `stop()`. None (and nothing started) when there is nothing to hash."""
+def start(paths: list[Path], fingerprint: list[Path] = (), parts: dict[Path, list[int]] | None = None,
+          finite: list[Path] = ()) -> Prehash | None:
+    """Begin hashing `paths` (those that are plain files) in child processes, those in `parts` part by
+    part (io.digests), and the fingerprint of the dense model whose weight files are `fingerprint`;
+    the result is the one `active()` returns until `stop()`. None (and nothing started) when there is
+    nothing to hash."""
     global _ACTIVE
     stop()
     files, fp = _plain(paths), _plain(fingerprint)
     if not files and not fp:
         return None
-    _ACTIVE = Prehash(files, fingerprint=fp if len(fp) == len(fingerprint) else [])
+    _ACTIVE = Prehash(files, fingerprint=fp if len(fp) == len(fingerprint) else [], parts=parts, finite=finite)
     return _ACTIVE
 
 
@@ -198,13 +286,32 @@ def listed_weight_files(directory: str | Path, listing: str, *, model: bool = Fa
     """The `.safetensors` files that `directory/listing` (flexmoe.json or manifest.json) records a sha256
     for (with `model`, only a model's weight files), read leniently: an unreadable listing gives none,
     and the command's own checks report it."""
+    return list(listed_records(directory, listing, model=model))
+
+
+def listed_records(directory: str | Path, listing: str, *, model: bool = False) -> dict[Path, object]:
+    """`listed_weight_files` with each file's entry (a sha256, or parts: io.digests)."""
     directory = Path(directory)
     try:
         files = json.loads((directory / listing).read_text()).get("files") or {}
-        return [directory / name for name in files if isinstance(name, str) and name.endswith(".safetensors")
-                and "/" not in name and name not in ("", ".", "..") and (not model or WEIGHTS.fullmatch(name))]
+        return {directory / name: rec for name, rec in files.items() if isinstance(name, str)
+                and name.endswith(".safetensors") and "/" not in name and name not in ("", ".", "..")
+                and (not model or WEIGHTS.fullmatch(name))}
     except (OSError, ValueError, AttributeError):
-        return []
+        return {}
+
+
+def parts_of(records: dict[Path, object]) -> dict[Path, list[int]]:
+    """The parts' lengths of the entries that record parts (malformed ones are left to the reader)."""
+    out = {}
+    for path, rec in records.items():
+        try:
+            lengths = part_lengths(rec) if is_parts(rec) else None
+        except (KeyError, TypeError, ValueError):
+            lengths = None
+        if lengths is not None:
+            out[path] = lengths
+    return out
 
 
 # torch's names of safetensors dtypes, as io.fingerprint's records spell them ("torch.float32")
@@ -252,21 +359,28 @@ def _fingerprint(files: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """The child: hash each file, one JSON line each, flushed as it finishes; `--fingerprint F...`
-    (last) also computes the fingerprint of the model whose weight files are F..."""
+    """The child: hash each file, one JSON line each, flushed as it finishes (part by part where the
+    JSON object on stdin gives a file's parts' lengths, and checked for NaN / Inf where it lists the
+    file under "finite"); `--fingerprint F...` (last on the command line, computed first) also gives
+    the fingerprint of the model whose weight files are F..."""
     files, fp = (argv[:argv.index("--fingerprint")], argv[argv.index("--fingerprint") + 1:]) \
         if "--fingerprint" in argv else (argv, [])
-    for path in files:
-        try:
-            rec = _hash_one(path)
-        except OSError:
-            continue  # the parent hashes it itself
-        print(json.dumps(rec), flush=True)
-    if fp:
+    try:
+        spec = json.loads(sys.stdin.read() or "{}")
+    except (OSError, ValueError):
+        spec = {}
+    parts, finite = spec.get("parts") or {}, set(spec.get("finite") or ())
+    if fp:  # first: the parent waits for it before it checks the packages against it
         try:
             print(json.dumps(_fingerprint(fp)), flush=True)
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             pass  # the parent computes it
+    for path in files:
+        try:
+            rec = _hash_one(path, parts.get(path), path in finite)
+        except OSError:
+            continue  # the parent hashes it itself
+        print(json.dumps(rec), flush=True)
     return 0
 
 

@@ -22,10 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Union
 
+from flexmoe.io.digests import record_rule
 from flexmoe.io.errors import CheckpointError
 
-PACKAGE_FORMAT = "flexmoe-expert-package/1"
-MODEL_FORMAT = "flexmoe-model/1"
+# /2: a files entry may record parts (io.digests), an expert record may carry tensor_sha256_format 2
+# (io.fingerprint). Readers take both versions; writers write the newest.
+PACKAGE_FORMATS = ("flexmoe-expert-package/1", "flexmoe-expert-package/2")
+MODEL_FORMATS = ("flexmoe-model/1", "flexmoe-model/2")
+PACKAGE_FORMAT, MODEL_FORMAT = PACKAGE_FORMATS[-1], MODEL_FORMATS[-1]
 # The uses a consent record may name ("any": every use). Requests name one of them, minus "any".
 USES = ("research", "commercial", "evaluation", "education", "any")
 RESERVED_NAMES = ("public",)  # slot 0 of every merged model; no owner or domain may take it
@@ -237,10 +241,10 @@ PROFILE_DP = Record({
 PRIVACY_TOTAL = Record({"epsilon": _f(float, rule=_nonneg), "delta": _f(float, rule=_nonneg),
                         "composition": _f(str)}, open=True)
 
-FILES = _f(dict, values=_f(str, rule=sha256_rule), rule=_file_names)
+FILES = _f(dict, values=_f(str, dict, rule=record_rule), rule=_file_names)
 
 PACKAGE_MANIFEST = Record({
-    "format": _f(str, choices=(PACKAGE_FORMAT,), version=True),
+    "format": _f(str, choices=PACKAGE_FORMATS, version=True),
     "owner": _f(str, rule=reserved_rule),
     "domain": _f(str, rule=reserved_rule),
     "licence": _f(str, required=False),
@@ -265,6 +269,7 @@ EXPERT_ENTRY = Record({
     "licence": _f(str, None, required=False),
     "package_sha256": _f(str, None, required=False, rule=lambda v: None if v is None else sha256_rule(v)),
     "tensor_sha256": _f(str, required=False, rule=sha256_rule),
+    "tensor_sha256_format": _f(int, required=False, choices=(1, 2)),  # io.fingerprint; absent: 1
     "tokens_seen": _f(int, None, required=False),
     "dp": _f(dict, None, required=False, record=DP),
     "consent": _f(dict, None, required=False, record=CONSENT),
@@ -278,7 +283,7 @@ _ROUTER_FILE = Record({"router_public": _f(str, required=False, rule=relpath_rul
                        "profile_dp": _f(dict, None, required=False, record=PROFILE_DP)}, open=True)
 
 MODEL_META = Record({
-    "format": _f(str, required=False, choices=(MODEL_FORMAT,), version=True),
+    "format": _f(str, required=False, choices=MODEL_FORMATS, version=True),
     "kind": _f(str, required=False, choices=("public", "anchor", "merged", "moe")),
     "files": FILES,
     "fingerprint": _f(str, required=False, rule=sha256_rule),
@@ -298,7 +303,7 @@ MODEL_META = Record({
 
 # flexmoe.json inside a Hugging Face directory (written by export-hf): names and extras, no hashes.
 HF_META = Record({
-    "format": _f(str, required=False, choices=(MODEL_FORMAT,), version=True),
+    "format": _f(str, required=False, choices=MODEL_FORMATS, version=True),
     "experts": _f(list, None, required=False, items=EXPERT_ENTRY),
     "removed": _f(list, None, required=False, items=EXPERT_ENTRY),
     "native_only": _f(str, None, required=False, rule=lambda v: None if v is None else relpath_rule(v)),

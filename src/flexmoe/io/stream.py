@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from flexmoe.io import prehash
+from flexmoe.io.digests import hash_file, is_parts, mismatch, part_lengths
 from flexmoe.io.errors import CheckpointError
 from flexmoe.io.files import preallocate, sha256_file
 
@@ -166,6 +167,8 @@ class FilePool:
         self._expect: dict[Path, tuple[str, str]] = {}  # path -> (sha256, file that records it)
         self._hash: dict[Path, tuple[Any, int]] = {}  # path -> (running sha256, bytes hashed)
         self.gap_bytes = 0
+        # (path, start, length) -> sha256 of those bytes, from parts entries verified by check_expected.
+        self.known: dict[tuple[Path, int, int], str] = {}
         # When a list (io.writer sets one), hash updates of data just read are queued here for the
         # writer to run in parallel with its own; whatever is left runs before the next read.
         self.jobs: list | None = None
@@ -176,13 +179,14 @@ class FilePool:
             for job in pending:
                 job()
 
-    def expect(self, path: Path, digest: str, recorded_in: Path | str) -> None:
-        """Verify `path` against `digest` (listed in `recorded_in`) as it is read."""
+    def expect(self, path: Path, digest: str | dict, recorded_in: Path | str) -> None:
+        """Verify `path` against its files entry `digest` (listed in `recorded_in`) as it is read; an
+        entry that records parts (io.digests) is checked part by part in `check_expected`."""
         path = Path(path)
         self._expect[path] = (digest, str(recorded_in))
         pre = prehash.active()
-        if pre is not None and pre.covers(path):
-            return  # a child process hashes it (io.prehash); checked in check_expected
+        if (pre is not None and pre.covers(path)) or is_parts(digest):
+            return  # a child process hashes it (io.prehash), or check_expected does, part by part
         self._hash[path] = (hashlib.sha256(), 0)
 
     def _track(self, path: Path, start: int, data) -> None:
@@ -229,12 +233,19 @@ class FilePool:
                 h, pos = self._hash.pop(path)
                 self._hash_range(path, h, pos, path.stat().st_size)
                 got = h.hexdigest()
-            else:  # hashed by a child process (io.prehash), or by nothing if the child could not
+            else:  # hashed by a child process (io.prehash), or here if no child did
                 pre = prehash.active()
-                got = (pre.digest(path) if pre is not None else None) or sha256_file(path)
+                got = (pre.digest(path) if pre is not None and pre.covers(path) else None) \
+                    or hash_file(path, part_lengths(self._expect[path][0]))
             digest, recorded_in = self._expect.pop(path)
-            if got != digest:
-                raise CheckpointError(f"{path}: sha256 does not match {recorded_in}; the file is corrupted")
+            why = mismatch(path, digest, got, recorded_in)
+            if why:
+                raise CheckpointError(why)
+            if is_parts(digest):  # verified: a writer may take these parts' digests instead of hashing them
+                start = 0
+                for n, h in digest["parts"]:
+                    self.known[(path, start, n)] = h
+                    start += n
 
     def blame(self, error: Exception, paths=None) -> Exception:
         """The error to report for a refusal met while files were still being verified: a file whose
@@ -316,11 +327,6 @@ class FilePool:
             pos += s.length
         return out.view(t.dtype).reshape(t.shape)
 
-    def digest(self, t: LazyTensor) -> str:
-        h = hashlib.sha256()
-        for c in self.chunks(t):
-            h.update(c)
-        return h.hexdigest()
 
 
 # --- writing -------------------------------------------------------------------------------------
