@@ -36,5 +36,5 @@ setup(
         "gpu": ["flash-attn>=2.6"],  # apex has no usable PyPI wheel: see README, "GPU clusters"
         "slurm": ["hydra-submitit-launcher>=1.2"],  # `flexmoe train --multirun hydra/launcher=slurm_gpu_node`
     },
-    entry_points={"console_scripts": ["flexmoe=flexmoe.cli:main"]},
+    entry_points={"console_scripts": ["flexmoe=flexmoe.cli:run"]},
 )

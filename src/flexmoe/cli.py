@@ -72,5 +72,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+# Commands that leave nothing for an interpreter's shutdown to finish (no wandb run, no process
+# group, no worker): once their output is flushed the process ends at once. Tearing down an
+# interpreter that imported torch took 0.6-0.8 s here, a fifth of a 2 GB merge.
+FAST_EXIT = frozenset({"merge", "branch", "remove-expert", "export-hf", "import-hf", "package", "consent"})
+
+
+def run() -> None:
+    """The `flexmoe` console script: `main`, then exit with its code (see FAST_EXIT)."""
+    argv = sys.argv[1:]
+    rc = main(argv)
+    if next((a for a in argv if a != "--debug"), None) in FAST_EXIT:
+        import logging
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

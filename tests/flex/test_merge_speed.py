@@ -211,3 +211,21 @@ def test_the_fingerprint_is_a_job_of_its_own_weight(world, tmp_path, monkeypatch
         assert [pre.digest(f) for f in (*weights, small)] == [sha256_file(f) for f in (*weights, small)]
     finally:
         prehash.stop()
+
+
+def test_the_console_command_exits_at_once_with_its_output_flushed(world, tmp_path):
+    """`flexmoe merge` ends with os._exit (cli.FAST_EXIT): its exit code, its output and its one-line
+    refusal must still all arrive."""
+    import subprocess
+    import sys
+
+    from flexmoe.io.model_dir import load_model_dir
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    run = [sys.executable, "-m", "flexmoe.cli", "merge", str(world["public"]), *map(str, world["pkgs"])]
+    ok = subprocess.run([*run, "--out", str(tmp_path / "m")], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "merged 2 packages" in ok.stderr
+    assert load_model_dir(tmp_path / "m")[0].num_experts == 3
+    bad = subprocess.run([*run, "--out", str(tmp_path / "m")], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "exists and is not empty; give --out a new or empty directory")
