@@ -10,10 +10,10 @@ memory stays at a few read chunks plus the router rows, whatever the number of e
 size. Bytes copied from a verified part of a parts-recorded input are recorded by its digest (io.digests).
 
 Checked before writing: the public model's fingerprint, every manifest, file listing, tensor name,
-shape, dtype and small tensor, fingerprints, duplicate domains, and under `flexmoe merge` every
-input's digests (child processes hash them while this one imports torch: io.prehash); a library
-call checks them in the pass that copies them, finiteness too, and a mismatch discards the output
-before it is renamed into place. A refusal is one line naming the file at fault (the digest
+shape, dtype and small tensor, fingerprints, duplicate domains, and every input's digests (under
+`flexmoe merge` child processes hash them while this one imports torch: io.prehash; a library call
+hashes them itself), so the pass copies verified bytes; a NaN found as it copies discards the
+output before it is renamed into place. A refusal is one line naming the file at fault (the digest
 mismatch first when a file's bytes are not its manifest's), and leaves no output.
 """
 
@@ -211,7 +211,7 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
                         **{k: m[k] for k in ("profile_dp", "privacy_total") if k in m}})  # a DP n-gram profile
     new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts,
                 "shared": shared, **extra_meta}
-    pool.check_expected(pool.prehashed())  # files hashed by child processes: refused before any output byte
+    pool.check_expected()  # every input's digests (children's or hashed here): refused before any output byte
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         progress = Progress(f"merge {len(loaded)} packages", sum(_nbytes(t) for t in out.values()))
         write_native(tmp, merged_cfg, out, new_meta, pool, progress, max_shard_size=shard_limit, bind_experts=True,
