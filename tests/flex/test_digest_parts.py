@@ -226,3 +226,27 @@ def test_malformed_parts_entries_are_refused_in_one_line(world, tmp_path, entry,
     rc = cli(["merge", str(world["public"]), str(dst), "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(dst / "manifest.json") in err[0] and why in err[0]
+
+
+def test_an_input_changed_after_its_parts_were_verified_is_refused(world, tmp_path, monkeypatch):
+    """Bytes copied unhashed (their verified digests taken instead) must still be the bytes verified:
+    a package rewritten during the copy is refused after the pass, and nothing is left."""
+    import os
+
+    copy = tmp_path / "pkg"
+    copy.mkdir()
+    for f in world["pkgs"][1].iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    real, touched = FilePool.copy_into, []
+
+    def rewrite_once(self, t, out):
+        if not touched:
+            touched.append(1)
+            st = os.stat(copy / "expert.safetensors")  # same bytes, another mtime: as a rewrite would leave it
+            os.utime(copy / "expert.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        yield from real(self, t, out)
+
+    monkeypatch.setattr(FilePool, "copy_into", rewrite_once)
+    with pytest.raises(CheckpointError, match=r"pkg/expert.safetensors: changed while it was being read"):
+        merge(world["public"], [world["pkgs"][0], copy], tmp_path / "m")
+    assert touched and not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp*"))

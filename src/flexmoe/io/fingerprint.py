@@ -164,3 +164,15 @@ def bind_expert_hashes(experts: list[dict[str, Any]], sd: Mapping[str, Any], num
                                       "model")
         out.append(bound(e, digest))
     return out
+
+
+def stream_fingerprint(tensors: Mapping[str, Any], pool) -> str:
+    """`fingerprint` of a native state dict of lazy tensors (io.stream), read through `pool` (a
+    FilePool) without loading it."""
+    h = hashlib.sha256()
+    for k, v in sorted(anchor_view(tensors).items()):
+        # Same record as fingerprint(): "name|dtype|shape\n" then the raw bytes.
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}\n".encode())
+        for c in pool.chunks(v):
+            h.update(c)
+    return h.hexdigest()

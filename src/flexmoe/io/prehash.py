@@ -43,9 +43,13 @@ def usable_cpus() -> int:
 _ACTIVE: "Prehash | None" = None
 
 
-def _stat_key(path: str | Path) -> list[int]:
+def stat_key(path: str | Path) -> list[int]:
+    """(size, mtime_ns, inode, device): a file rewritten since has another one."""
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+_stat_key = stat_key
 
 
 def _hash_one(path: str, lengths: list[int] | None = None, finite: bool = False) -> dict:

@@ -27,6 +27,7 @@ from flexmoe.io import prehash
 from flexmoe.io.digests import hash_file, is_parts, mismatch, part_lengths
 from flexmoe.io.errors import CheckpointError
 from flexmoe.io.files import preallocate, sha256_file
+from flexmoe.io.fingerprint import stream_fingerprint  # noqa: F401  (re-exported: it reads through a FilePool)
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -169,6 +170,7 @@ class FilePool:
         self.gap_bytes = 0
         # (path, start, length) -> sha256 of those bytes, from parts entries verified by check_expected.
         self.known: dict[tuple[Path, int, int], str] = {}
+        self._unchanged: dict[Path, list[int]] = {}  # their files' (size, mtime, inode, device) when verified
         # When a list (io.writer sets one), hash updates of data just read are queued here for the
         # writer to run in parallel with its own; whatever is left runs before the next read.
         self.jobs: list | None = None
@@ -225,7 +227,11 @@ class FilePool:
         return [p for p in self._expect if p not in self._hash]
 
     def check_expected(self, paths=None) -> None:
-        """Finish the hashes of the expected files (all, or `paths`); refuse the first that differs."""
+        """Finish the hashes of the expected files (all, or `paths`); refuse the first that differs, and
+        any file whose verified parts a writer may have copied unhashed (`known`) and that changed since."""
+        for path, stat in self._unchanged.items():
+            if prehash.stat_key(path) != stat:
+                raise CheckpointError(f"{path}: changed while it was being read; re-run once nothing writes to it")
         for path in list(self._expect if paths is None else paths):
             if path not in self._expect:
                 continue
@@ -233,8 +239,8 @@ class FilePool:
                 h, pos = self._hash.pop(path)
                 self._hash_range(path, h, pos, path.stat().st_size)
                 got = h.hexdigest()
-            else:  # hashed by a child process (io.prehash), or here if no child did
-                pre = prehash.active()
+            else:  # hashed by a child process (io.prehash, which compares this stat), or here
+                pre, stat = prehash.active(), prehash.stat_key(path)
                 got = (pre.digest(path) if pre is not None and pre.covers(path) else None) \
                     or hash_file(path, part_lengths(self._expect[path][0]))
             digest, recorded_in = self._expect.pop(path)
@@ -242,6 +248,7 @@ class FilePool:
             if why:
                 raise CheckpointError(why)
             if is_parts(digest):  # verified: a writer may take these parts' digests instead of hashing them
+                self._unchanged[path] = stat
                 start = 0
                 for n, h in digest["parts"]:
                     self.known[(path, start, n)] = h
@@ -383,16 +390,3 @@ def _cast_into(t: LazyTensor, dst: torch.dtype, pool: FilePool, out) -> Iterator
         data = torch.frombuffer(c, dtype=t.dtype).to(dst).view(torch.uint8).numpy()
         write_all(out, data)
         yield len(data)
-
-
-def stream_fingerprint(tensors: dict[str, LazyTensor], pool: FilePool) -> str:
-    """`flexmoe.io.fingerprint.fingerprint` of a native state dict, computed without loading it."""
-    from flexmoe.io.fingerprint import anchor_view
-
-    h = hashlib.sha256()
-    for k, v in sorted(anchor_view(tensors).items()):
-        # Same record as fingerprint(): "name|dtype|shape\n" then the raw bytes.
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}\n".encode())
-        for c in pool.chunks(v):
-            h.update(c)
-    return h.hexdigest()
