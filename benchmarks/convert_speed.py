@@ -16,7 +16,8 @@ Every input is itself written streaming (random chunks), so building needs no mo
 Each step runs as its own process under a fresh wrapper, whose RUSAGE_CHILDREN ru_maxrss is that one
 process's peak RSS; the disk is synced before each run and the fastest of --repeat runs is shown.
 `x cp` divides by `cp` of the same output bytes; `/ largest` divides the peak RSS above the
-interpreter's floor by the output's largest tensor. All temporary files are removed at the end.
+interpreter's floor (with what the step imports: merge imports no torch) by the output's largest
+tensor. All temporary files are removed at the end.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from flexmoe.train.hardware import cpu_name
 BENCH_CFG = ModelConfig(vocab_size=8192, d_model=2048, num_layers=8, num_heads=16, d_ff=2048, num_experts=4, top_k=2)
 PUBLIC_CFG = ModelConfig(vocab_size=8192, d_model=1024, num_layers=6, num_heads=8, d_ff=4096)
 PACKAGES = 6
+TORCH_FLOOR = "python + torch + flexmoe (floor)"
+MERGE_FLOOR = "python + merge's imports (floor)"  # no torch
 WRAPPER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
            "r = resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_maxrss * 1024, r.ru_utime + r.ru_stime); "
            "sys.exit(rc)")
@@ -154,9 +157,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="flexmoe-bench-", dir=a.workdir))
     cli = [sys.executable, "-m", "flexmoe.cli"]
     # name: (argv, output to clear before each repeat, the cp row it is compared with)
-    steps: dict[str, tuple[list[str], Path | None, str | None]] = {"python + torch + flexmoe (floor)": (
+    steps: dict[str, tuple[list[str], Path | None, str | None]] = {TORCH_FLOOR: (
         [sys.executable, "-c", "import torch, flexmoe.cli, flexmoe.convert.hf_export, flexmoe.convert.hf_import, "
                                "flexmoe.flex.merge, flexmoe.flex.branch"], None, None)}
+    if "merge" in groups:  # `flexmoe merge` imports no torch (io/dtypes.py): its own floor
+        steps[MERGE_FLOOR] = ([sys.executable, "-c", "import numpy, flexmoe.cli, flexmoe.commands.merge, "
+                                                     "flexmoe.flex.merge"], None, None)
     built, sizes = [], {}
     try:
         t0 = time.perf_counter()
@@ -202,7 +208,6 @@ def main() -> None:
             if name.startswith("branch"):
                 sizes["cp branch output"] = (_weights_bytes(work / "anchor"), _largest(work / "anchor"))
         print(f"built {', '.join(built)} of random fp32 weights in {build_s:.0f}s", file=sys.stderr)
-        floor_rss = rows["python + torch + flexmoe (floor)"][1]
         cpu = cpu_name()
         print(f"\n{os.cpu_count()} cores, {cpu}; {os.uname().sysname} {os.uname().release}; best of {a.repeat}; "
               f"x cp: against cp of the same output bytes; / largest: peak RSS above the floor over the largest tensor")
@@ -216,6 +221,7 @@ def main() -> None:
                 continue
             size, largest = sizes[ref or name]
             xcp = f"{wall / rows[ref][0]:.1f}" if ref else "1.0"
+            floor_rss = rows[MERGE_FLOOR if name.startswith("merge") else TORCH_FLOOR][1]
             above = "" if ref is None or name.startswith("floor:") else \
                 f"{(rss - floor_rss) / 1e6:>15.0f} {largest / 1e6:>11.0f} {(rss - floor_rss) / largest:>10.2f}"
             print(f"{name:<34} {size / 1e9:>7.2f} {wall:>7.2f} {cpu_s:>6.1f} {size / wall / 1e9:>6.2f} {xcp:>6} "

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shared", default="public", choices=["public", "average"],
                    help="shared tensors: the public copy (FlexOlmo) or the mean of the packages' copies (BAR)")
     p.add_argument("--router-rows", default="raw", choices=["raw", "common_norm", "centred_norm"],
-                   help="rescale router rows at merge time (see flex/merge.py ROW_TRANSFORMS)")
+                   help="rescale router rows at merge time (see flex/merge_router.py ROW_TRANSFORMS)")
     p.add_argument("--router-cosine-temp", type=float, default=0.0, metavar="T",
                    help="route by cosine similarity of hidden state and row over temperature T (0: dot product)")
     p.add_argument("--calibrate", choices=["rows", "rows+bias", "bias", "owner"],

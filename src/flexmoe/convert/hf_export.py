@@ -24,7 +24,8 @@ from flexmoe.io.native import open_native, parse_size
 from flexmoe.io.shards import plan_shards
 from flexmoe.io.progress import Progress
 from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, CheckpointError, atomic_dir, refuse_overlap, write_json
-from flexmoe.io.stream import FilePool, LazyTensor, out_dtype, out_nbytes, write_file
+from flexmoe.io.castwrite import out_dtype, out_nbytes, write_file
+from flexmoe.io.stream import FilePool, LazyTensor
 from flexmoe.io.keys import router_bias_key
 
 log = get_logger(__name__)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import torch
+if TYPE_CHECKING:  # imported where used: merge reads this module without torch
+    import torch
 
 from flexmoe.io.fingerprint import bind_expert_hashes, expert_tensor_sha256, verify_expert_hashes  # noqa: F401
 from flexmoe.io.log import get_logger
@@ -74,6 +75,8 @@ def consent_mask(experts: Sequence[dict[str, Any]], use: str, today: str | datet
     """Bool `[E]`: True where the expert's consent covers `use` on `today` (default: today, UTC)."""
     if use not in USES or use == "any":
         raise ValueError(f"use={use!r} is not one of {', '.join(u for u in USES if u != 'any')}")
+    import torch  # here: merge reads this module's records without torch
+
     day = parse_date(today, where="date") if today is not None else datetime.datetime.now(datetime.timezone.utc).date()
     return torch.tensor([covers(_consent_of(j, e), use, day) for j, e in enumerate(experts)])
 

@@ -23,19 +23,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from flexmoe.config.model import ROUTINGS
 from flexmoe.io import prehash
 from flexmoe.io.digests import entry_sha256
+from flexmoe.io.dtypes import nbytes
 from flexmoe.io.hf_dir import hf_architecture
-from flexmoe.flex.hf_inputs import read_hf_anchor, read_hf_public
 from flexmoe.io.model_dir import META, CheckpointError, atomic_dir, refuse_overlap
 from flexmoe.io.native import open_native, parse_size, write_native
 from flexmoe.io.progress import Progress
 from flexmoe.io.stream import CHUNK, FilePool, LazyTensor, stream_fingerprint
 from flexmoe.io.writer import FiniteTap, Generated, stacked
 from flexmoe.flex.consent import PUBLIC_CONSENT
+from flexmoe.flex.merge_router import (ROW_TRANSFORMS, float32_of, ngram_profiles, public_router_file, public_rows,
+                                       transform_rows)
 from flexmoe.io.schema import reserved_rule
 from flexmoe.flex.package import TENSORS, check_package_tensors, check_package_value, open_package
 from flexmoe.io.keys import (EXPERT_WEIGHTS, SHARED_PREFIX, dense_ffn_key, experts_key, is_shared_key, package_bias_key,
@@ -50,7 +52,7 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
           norm_topk_prob: bool = False, routing: str = "auto", shared: str = "public",
           router_rows: str = "raw", router_cosine_temp: float = 0.0, overwrite: bool = False,
           verify: bool = True, max_shard_size: int | str | None = None,
-          router_override: dict[str, torch.Tensor] | None = None, extra_meta: dict[str, Any] | None = None) -> Path:
+          router_override: dict[str, Any] | None = None, extra_meta: dict[str, Any] | None = None) -> Path:
     """Write the merged model; expert slot 0 is the public FFN, slot j the j-th package.
 
     `shared`: `public` keeps the public model's shared tensors (FlexOlmo); `average` takes the mean
@@ -82,11 +84,13 @@ def merge(public_dir: str | Path, packages: list[str | Path], out_dir: str | Pat
     with FilePool() as pool:
         cfg, sd, meta, fp = _open_public(public_dir, verify, pool)
         loaded: list[tuple[Path, dict[str, Any], dict[str, Any]]] = []
-        small: list[dict[str, torch.Tensor]] = []  # per package: router rows, biases, routing tensors
+        small: list[dict[str, np.ndarray]] = []  # per package: router rows, biases, routing tensors (float32)
         seen: dict[str, Path] = {}
         for pkg in map(Path, packages):
             hf = not (pkg / "manifest.json").exists() and hf_architecture(pkg)
             if hf:
+                from flexmoe.flex.hf_inputs import read_hf_anchor
+
                 # A Hugging Face 2-expert FlexOlmo checkpoint: slot 1 is the owner's expert, once
                 # slot 0 and every shared tensor are proven to be this public model's.
                 manifest, tensors = read_hf_anchor(pkg, fp, public_sd=sd, verify=verify)
@@ -121,6 +125,8 @@ def _open_public(public_dir: Path, verify: bool, pool: FilePool):
     """(cfg, lazy tensors, meta, fingerprint) of the public model, verified before anything is written:
     its files' sha256s and its fingerprint in one pass over its weights."""
     if hf_architecture(public_dir):  # a dense Hugging Face Olmo2 directory may stand in for it
+        from flexmoe.flex.hf_inputs import read_hf_public
+
         cfg, sd, meta = read_hf_public(public_dir)
         checked = True  # its fingerprint was just computed from its tensors
     else:
@@ -143,8 +149,9 @@ def _open_public(public_dir: Path, verify: bool, pool: FilePool):
     return cfg, sd, meta, fp
 
 
-def _small_tensors(where: Path, tensors: dict[str, Any], pool: FilePool) -> dict[str, torch.Tensor]:
-    """A package's router rows, biases and routing tensors, read into memory with their values checked
+def _small_tensors(where: Path, tensors: dict[str, Any], pool: FilePool) -> dict[str, np.ndarray]:
+    """A package's router rows, biases and routing tensors, read into memory as float32 (all merge does
+    with them is stack them: numpy, no torch import on a merge's path) with their values checked
     (the weights and shared copies are checked as they stream)."""
     out = {}
     for key, t in tensors.items():
@@ -153,7 +160,7 @@ def _small_tensors(where: Path, tensors: dict[str, Any], pool: FilePool) -> dict
             continue
         if key.startswith(SHARED_PREFIX):
             continue
-        out[key] = pool.read(t) if isinstance(t, LazyTensor) else t
+        out[key] = float32_of(t, pool)
         check_package_value(where, key, out[key])
     return out
 
@@ -165,8 +172,8 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
     if not 1 <= k <= num_experts:
         raise CheckpointError(f"top_k={k} must be between 1 and the number of experts ({num_experts})")
     use_bias = any(m.get("router_bias") for _, m, _ in loaded) or any(k.endswith("router.bias") for k in router_override)
-    public_file, shipped = _public_router_file(public_dir, meta)
-    public_rows = _public_rows(public_dir, shipped, cfg)
+    public_file, shipped = public_router_file(public_dir, meta)
+    rows_LD = public_rows(public_dir, shipped, cfg)
     out: dict[str, Any] = {k_: v for k_, v in sd.items() if is_shared_key(k_)}
     finite: dict[str, dict[int, tuple[Path, str]]] = {}
     divergence: dict[str, dict[str, float]] = {}  # filled in as the pass streams the shared tensors
@@ -176,11 +183,11 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
             out[key] = stacked([sd[dense_ffn_key(i, name)]] + [t[package_weight_key(i, name)] for _, _, t in loaded])
             finite[key] = {j: (pkg if not (pkg / "manifest.json").exists() else pkg / TENSORS,
                                package_weight_key(i, name)) for j, (pkg, _, _) in enumerate(loaded, start=1)}
-        rows = torch.stack([public_rows[i]] + [s[package_router_key(i)].float() for s in small])
-        out[router_weight_key(i)] = ROW_TRANSFORMS[router_rows](rows)
+        rows = np.stack([rows_LD[i]] + [s[package_router_key(i)] for s in small])
+        out[router_weight_key(i)] = transform_rows(router_rows, rows)
         if use_bias:
-            out[router_bias_key(i)] = torch.cat(
-                [torch.zeros(1)] + [s.get(package_bias_key(i), torch.zeros(1)).float() for s in small])
+            out[router_bias_key(i)] = np.concatenate(
+                [np.zeros(1, np.float32)] + [s.get(package_bias_key(i), np.zeros(1, np.float32)) for s in small])
     for key, t in router_override.items():  # calibrated router tensors (flex/calibrate.py)
         if key not in out or tuple(out[key].shape) != tuple(t.shape):
             raise CheckpointError(f"router override {key} {tuple(t.shape)} does not fit the merged model")
@@ -190,9 +197,9 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
             and shared == "public":
         notes.append("packages carry trained shared tensors; keeping the public copies (shared=public)")
     # Document routing's centroids: the public row and each owner's embedding at layer 0.
-    out["domain_centroids"] = torch.stack(
-        [public_rows[0]] + [s.get("domain_embedding", torch.zeros(cfg.d_model)).float() for s in small])
-    profiles = _ngram_profiles(public_file, shipped, loaded, small, required=routing == "anchor_ngram")
+    out["domain_centroids"] = np.stack(
+        [rows_LD[0]] + [s.get("domain_embedding", np.zeros(cfg.d_model, np.float32)) for s in small])
+    profiles = ngram_profiles(public_file, shipped, loaded, small, required=routing == "anchor_ngram")
     if routing == "auto":
         routing = "anchor_ngram" if profiles is not None else "topk"
         notes.append(f"merge: routing={routing}" + ("" if profiles is not None else " (not every package carries "
@@ -212,10 +219,11 @@ def _write(public_dir, out_dir, pool, cfg, sd, meta, fp, loaded, small, *, top_k
     new_meta = {"kind": "merged", "base_fingerprint": fp, "tokenizer": meta.get("tokenizer"), "experts": experts,
                 "shared": shared, **extra_meta}
     pool.check_expected()  # every input's digests (children's or hashed here): refused before any output byte
+    checked = prehash.finite_checked({w[0] for slots in finite.values() for w in slots.values()})  # and values
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        progress = Progress(f"merge {len(loaded)} packages", sum(_nbytes(t) for t in out.values()))
+        progress = Progress(f"merge {len(loaded)} packages", sum(nbytes(t) for t in out.values()))
         write_native(tmp, merged_cfg, out, new_meta, pool, progress, max_shard_size=shard_limit, bind_experts=True,
-                     taps=(FiniteTap(finite),), finish=lambda m: dict(m, shared_divergence=divergence))
+                     taps=(FiniteTap(finite, checked),), finish=lambda m: dict(m, shared_divergence=divergence))
         progress.finish(None)  # the log line below says what was written
     for note in notes:
         log.info(note)
@@ -245,10 +253,6 @@ def privacy_line(expert: dict[str, Any]) -> str:
     return f"privacy: {who}: " + "; ".join(parts)
 
 
-def _nbytes(t) -> int:
-    return math.prod(t.shape) * t.dtype.itemsize
-
-
 def _shared_streams(out: dict[str, Any], public_sd: dict[str, Any], loaded, *, average: bool,
                     pool: FilePool, divergence: dict[str, dict[str, float]]) -> list[str]:
     """Shared tensors packages ship: each output tensor becomes a stream over its copies, chunk by chunk
@@ -275,6 +279,8 @@ def _shared_streams(out: dict[str, Any], public_sd: dict[str, Any], loaded, *, a
 def _shared_chunks(name, ref_t, copies, average: bool, pool: FilePool, divergence):
     def read(t, lo, hi):
         return pool.read(t.flat(lo, hi)) if isinstance(t, LazyTensor) else t.reshape(-1)[lo:hi]
+
+    import torch  # only packages that ship shared tensors bring torch into a merge
 
     def make():
         n, step = math.prod(ref_t.shape), max(CHUNK // 4, 1)
@@ -315,7 +321,7 @@ def _check_names(pkg: Path, manifest: dict[str, Any], loaded, seen: dict[str, Pa
                                   "every domain must name exactly one expert")
 
 
-def _check_shapes(pkg: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
+def _check_shapes(pkg: Path, tensors: dict[str, Any], cfg) -> None:
     want = {"gate_proj": (cfg.d_ff, cfg.d_model), "up_proj": (cfg.d_ff, cfg.d_model),
             "down_proj": (cfg.d_model, cfg.d_ff)}
     for i in range(cfg.num_layers):
@@ -333,68 +339,3 @@ def _check_shapes(pkg: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
     extra = [k for k in tensors if (package_layer_of(k) or 0) >= cfg.num_layers]
     if extra:
         raise CheckpointError(f"{pkg / 'expert.safetensors'}: has tensors for layers the public model lacks ({extra[0]})")
-
-
-def _public_router_file(public_dir: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The public model's shipped router file and its tensors (router rows, n-gram profile); read once."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    name = (meta.get("router_embedding") or {}).get("router_public")
-    if not name:
-        return public_dir, {}
-    try:
-        return public_dir / name, load_file(str(public_dir / name))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{public_dir / name}: cannot read safetensors ({e})") from e
-
-
-def _public_rows(public_dir: Path, shipped: dict[str, torch.Tensor], cfg) -> torch.Tensor:
-    if "router_embedding" not in shipped:
-        log.warning(f"{public_dir} ships no public router row; using zeros")
-        return torch.zeros(cfg.num_layers, cfg.d_model)
-    rows = shipped["router_embedding"]
-    want = (cfg.num_layers, cfg.d_model)
-    if tuple(rows.shape) != want or not rows.is_floating_point() or not bool(rows.isfinite().all()):
-        raise CheckpointError(f"{public_dir}: its public router row is {str(rows.dtype).removeprefix('torch.')} "
-                              f"{tuple(rows.shape)}, the model needs finite floats of shape {want}")
-    return rows.float()
-
-
-def _ngram_profiles(public_file: Path, shipped: dict[str, torch.Tensor], loaded, small, *,
-                    required: bool) -> torch.Tensor | None:
-    """`[N+1, buckets]` n-gram profiles when the public model and every package carry one; None
-    otherwise, or an error naming what lacks one when the routing needs them."""
-    rows = [(public_file, shipped.get("domain_ngram"))] + [(pkg / "expert.safetensors", s.get("domain_ngram"))
-                                                           for (pkg, _, _), s in zip(loaded, small)]
-    missing = [str(w) for w, r in rows if r is None]
-    if missing:
-        if required:
-            raise CheckpointError(f"{missing[0]}: has no n-gram profile, which routing=anchor_ngram needs; re-run "
-                                  "`flexmoe router-embed` (the public one with --public) and branch again")
-        return None
-    want = (rows[0][1].shape[-1],)
-    for where, r in rows:
-        if tuple(r.shape) != want:
-            raise CheckpointError(f"{where}: n-gram profile of shape {tuple(r.shape)} does not match the public "
-                                  f"model's {want}; make every profile with one --ngram-buckets")
-    return torch.stack([r.float() for _, r in rows])
-
-
-def _common_norm(rows_ED: torch.Tensor) -> torch.Tensor:
-    """Every row scaled to the rows' mean norm: no owner wins tokens by a larger row alone."""
-    norms = rows_ED.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return rows_ED / norms * norms.mean()
-
-
-def _centred_norm(rows_ED: torch.Tensor) -> torch.Tensor:
-    """Each owner's offset from the public row scaled to a common norm. (Centring alone changes
-    nothing: every logit shifts by the same h . r_0, and the softmax ignores a shared shift.)"""
-    off = rows_ED[1:] - rows_ED[:1]
-    if off.shape[0] == 0:
-        return rows_ED
-    n = off.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return torch.cat([rows_ED[:1], rows_ED[:1] + off / n * n.mean()])
-
-
-ROW_TRANSFORMS = {"raw": lambda r: r, "common_norm": _common_norm, "centred_norm": _centred_norm}

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from flexmoe.config.model import NATIVE_BUFFERS
+from flexmoe.io.dtypes import text
 from flexmoe.io.model_dir import CheckpointError, atomic_dir, load_model_dir, write_json
 from flexmoe.io.digests import verify as verify_digest
 from flexmoe.io.stream import FilePool, LazyTensor, read_header
@@ -25,13 +24,16 @@ from flexmoe.io.keys import (EXPERT_WEIGHTS, SHARED_PREFIX, experts_key, is_shar
 from flexmoe.io.schema import (DP, DP_FIELDS, PACKAGE_FORMAT, PACKAGE_MANIFEST, PROFILE_DP, Field, Record, check,
                                read_record, reserved_rule, sha256_rule)
 
+if TYPE_CHECKING:  # a merge opens packages without importing torch
+    import torch
+
 FORMAT = PACKAGE_FORMAT
 SHARED_TRAINING_STAGES = ("sft", "rl_unfrozen")
 TENSORS = "expert.safetensors"
 MANIFEST = "manifest.json"
 # Weights cross organisations in these dtypes only (what training writes and export-hf casts to);
 # anything else would be promoted or refused deep inside merge, or break the merged model.
-ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ALLOWED_DTYPES = ("float32", "bfloat16", "float16")
 
 # Owner-fitted top-k router rows (optional): one `[d_model]` row per layer, fitted by the owner on
 # its own data against the public row (recipes/owner_router.py), and the fit's record.
@@ -228,16 +230,25 @@ def check_package_tensors(where: Path, manifest: dict[str, Any], tensors: dict[s
             raise CheckpointError(f"{where}: {key} has shape {tuple(t.shape)}, its manifest implies {expected}")
         if expected is None and (len(t.shape) != 1 if key == "domain_ngram" else len(t.shape) == 0):
             raise CheckpointError(f"{where}: {key} has shape {tuple(t.shape)}; not a tensor of its kind")
-        if t.dtype not in ALLOWED_DTYPES:
-            raise CheckpointError(f"{where}: {key} is {str(t.dtype).removeprefix('torch.')}; package tensors must be "
+        dtype = text(t) if isinstance(t, LazyTensor) else str(t.dtype)  # in memory: torch's or numpy's
+        if dtype.removeprefix("torch.") not in ALLOWED_DTYPES:
+            raise CheckpointError(f"{where}: {key} is {dtype.removeprefix('torch.')}; package tensors must be "
                                   "float32, bfloat16 or float16")
         if not isinstance(t, LazyTensor):
             check_package_value(where, key, t)
 
 
-def check_package_value(where: Path, key: str, t: torch.Tensor) -> None:
-    """One package tensor's values: finite, and a router bias <= 0."""
-    if not bool(torch.isfinite(t).all()):
+def check_package_value(where: Path, key: str, t) -> None:
+    """One package tensor's values (a torch tensor or a numpy array): finite, and a router bias <= 0."""
+    import numpy as np
+
+    if isinstance(t, np.ndarray):
+        finite = bool(np.isfinite(t).all())
+    else:
+        import torch
+
+        finite = bool(torch.isfinite(t).all())
+    if not finite:
         raise CheckpointError(f"{where}: {key} holds NaN or Inf values; the expert is broken, do not merge it")
     layer = package_layer_of(key)
     if layer is not None and key == package_bias_key(layer) and bool((t > 0).any()):

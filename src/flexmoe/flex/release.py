@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from flexmoe.io.dtypes import text
 from flexmoe.io.fingerprint import TENSOR_SHA256_FORMAT, bound, compose, record_format, slot_line
 from flexmoe.io.native import expert_tap, open_native, parse_size, write_native
 from flexmoe.io.progress import Progress
@@ -64,7 +65,7 @@ def _remove(src: Path, dst: Path, name: str, cfg, tensors, meta, pool: FilePool,
             continue
         # The removed slot is read where it lies (so the file is read front to back) and not written.
         parts = tuple(removed.part(k, t[j]) if j == slot else t[j] for j in range(cfg.num_experts))
-        out[k] = Stacked(t.dtype, (len(keep),) + tuple(t.shape[1:]), parts)
+        out[k] = Stacked(t.st, (len(keep),) + tuple(t.shape[1:]), parts)
     new_cfg = cfg.replace(num_experts=len(keep), top_k=min(cfg.top_k, len(keep)))
     record = dict(experts[slot], removed=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     # Slots move up, and a slot's tensor_sha256 names its slot: kept slot i (source slot keep[i]) is
@@ -111,7 +112,7 @@ class _Removed:
         def begin():
             self.slices[key] = (hashlib.sha256(), False, t)
             if key in self.records:
-                self.expert_hash.update(f"{key}[{self.slot}]|{t.dtype}|{tuple(t.shape)}\n".encode())
+                self.expert_hash.update(f"{key}[{self.slot}]|{text(t)}|{tuple(t.shape)}\n".encode())
 
         def piece(c):
             h, nonzero, _ = self.slices[key]
@@ -125,7 +126,7 @@ class _Removed:
         """The removed slot's tensor_sha256 in the source, in format `version` (io.fingerprint)."""
         if version == 1:
             return self.expert_hash.hexdigest()
-        return compose(slot_line(k, self.slot, self.slices[k][2].dtype, self.slices[k][2].shape,
+        return compose(slot_line(k, self.slot, text(self.slices[k][2]), self.slices[k][2].shape,
                                  self.slices[k][0].hexdigest()) for k in self.order)
 
     def secrets(self) -> dict[str, tuple[str, LazyTensor]]:

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
+import re
 from pathlib import Path
 from typing import Any, Union
 
@@ -49,37 +52,97 @@ def entry_sha256(record: Record | None) -> str | None:
     return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def hash_file(path: str | Path, lengths: list[int] | None = None, visit=None) -> Digest:
+def hash_file(path: str | Path, lengths: list[int] | None = None, visit=None, mapped: bool = False) -> Digest:
     """The file's sha256, or with `lengths` the sha256 of each consecutive part (read once, in order).
     Parts that do not reach the end of the file, or run past it, get a digest no record has:
-    the comparison then fails and says so. `visit(offset, bytes)` sees every read, in file order."""
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    pos = 0
-    with open(path, "rb", buffering=0) as f:
+    the comparison then fails and says so. `visit(offset, bytes)` sees every read, in file order.
+
+    `mapped`: read through mmap windows (Reader), which spares copying every byte out of the page
+    cache (measured here: 0.27 s against 0.31 s of CPU to hash a 0.3 GB file). Only for io.prehash's
+    children: a file truncated while mapped kills the reader with SIGBUS, which the parent survives
+    (it hashes that file itself)."""
+    with open(path, "rb", buffering=0) as f, Reader(f, mapped) as r:
         if lengths is None:
             h = hashlib.sha256()
-            while n := f.readinto(buf):
-                h.update(view[:n])
+            while len(piece := r.read(CHUNK)):
+                h.update(piece)
                 if visit is not None:
-                    visit(pos, view[:n])
-                pos += n
+                    visit(r.pos - len(piece), piece)
             return h.hexdigest()
         out = []
         for length in lengths:
             h, left = hashlib.sha256(), length
             while left:
-                n = f.readinto(view[:min(left, CHUNK)])
-                if not n:
+                piece = r.read(min(left, CHUNK))
+                if not len(piece):
                     break
-                h.update(view[:n])
+                h.update(piece)
                 if visit is not None:
-                    visit(pos, view[:n])
-                pos, left = pos + n, left - n
+                    visit(r.pos - len(piece), piece)
+                left -= len(piece)
             out.append(h.hexdigest() if not left else "short")
-        if f.read(1):
+        if r.more():
             out.append("long")  # bytes after the last part
         return out
+
+
+class Reader:
+    """Consecutive pieces of an open file: views of one reused buffer, or with `mapped` of a read-only
+    mmap of a WINDOW-sized window at a time (so resident memory stays one window, however large
+    the file: mapped pages count as the reader's RSS, which a cluster's accounting may police)."""
+
+    WINDOW = 1 << 26
+
+    def __init__(self, f, mapped: bool):
+        self.f, self.pos, self._map, self._start, self._end = f, 0, None, 0, 0
+        self._size = os.fstat(f.fileno()).st_size
+        self.mapped = mapped and self._size > 0
+        self._view = memoryview(b"") if self.mapped else memoryview(bytearray(CHUNK))
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+        if not self.mapped:
+            self.f.seek(pos)
+
+    def read(self, want: int) -> memoryview:
+        """At most `want` bytes from the position on (fewer at a window's end; none at the file's end)."""
+        if not self.mapped:
+            piece = self._view[:self.f.readinto(self._view[:want])]
+        else:
+            if not self._start <= self.pos < self._end:
+                self._remap()
+            piece = self._view[self.pos - self._start:min(self.pos + want, self._end) - self._start]
+        self.pos += len(piece)
+        return piece
+
+    def _remap(self) -> None:
+        self._close_map()
+        if self.pos >= self._size:
+            self._start = self._end = self.pos
+            return
+        self._start = self.pos // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        self._end = min(self._start + self.WINDOW, self._size)
+        self._map = mmap.mmap(self.f.fileno(), self._end - self._start, offset=self._start, prot=mmap.PROT_READ)
+        self._view = memoryview(self._map)
+
+    def _close_map(self) -> None:
+        if self._map is not None:
+            self._view.release()
+            try:
+                self._map.close()
+            except BufferError:  # a caller kept a view: the map goes when that does
+                pass
+            self._map, self._view = None, memoryview(b"")
+
+    def more(self) -> bool:
+        """Whether the file has bytes after the position."""
+        return bool(os.pread(self.f.fileno(), 1, self.pos))
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_map()
 
 
 def mismatch(path: str | Path, record: Record, got: Digest, recorded_in: str | Path) -> str | None:
@@ -110,18 +173,18 @@ def verify(path: str | Path, record: Record, recorded_in: str | Path) -> None:
         raise CheckpointError(why)
 
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def record_rule(value: Any) -> str | None:
     """io.schema's rule for a files entry: a sha256, or a non-empty list of [length > 0, sha256] parts."""
-    import re
-
-    hex64 = re.compile(r"^[0-9a-f]{64}$")
     if isinstance(value, str):
-        return None if hex64.match(value) else f"is not a sha256 (64 hex digits): {value[:80]!r}"
+        return None if _HEX64.match(value) else f"is not a sha256 (64 hex digits): {value[:80]!r}"
     if not isinstance(value, dict) or set(value) != {"parts"} or not isinstance(value["parts"], list) \
             or not value["parts"]:
         return "must be a sha256 or {\"parts\": [[length, sha256], ...]}"
     for i, part in enumerate(value["parts"]):
         if not (isinstance(part, list) and len(part) == 2 and type(part[0]) is int and part[0] > 0
-                and isinstance(part[1], str) and hex64.match(part[1])):
+                and isinstance(part[1], str) and _HEX64.match(part[1])):
             return f"part {i} is {str(part)[:80]}, not [length > 0, sha256]"
     return None

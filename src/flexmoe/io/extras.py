@@ -16,7 +16,8 @@ from flexmoe.config.model import ModelConfig
 from flexmoe.io.keys import NATIVE_ONLY, native_shapes
 from flexmoe.io.model_dir import META, CheckpointError
 from flexmoe.io.schema import HF_META, read_record
-from flexmoe.io.stream import FilePool, LazyTensor, read_header, write_file
+from flexmoe.io.castwrite import write_file
+from flexmoe.io.stream import FilePool, LazyTensor, read_header
 
 EXTRA_DIR = "flexmoe"
 NATIVE_ONLY_FILE = f"{EXTRA_DIR}/native_only.safetensors"

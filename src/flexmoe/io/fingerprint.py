@@ -7,14 +7,14 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import torch
-
 from flexmoe.config.model import NATIVE_BUFFERS
+from flexmoe.io.digests import is_parts
+from flexmoe.io.dtypes import text
 from flexmoe.io.errors import CheckpointError
 from flexmoe.io.keys import EXPERT_WEIGHTS, dense_ffn_key, experts_key, is_router_key, parse_experts_key, router_weight_key
 
 
-def anchor_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def anchor_view(sd: dict[str, Any]) -> dict[str, Any]:
     """The tensors every model branched from one public model shares, named as in the dense model.
 
     Routers and non-anchor experts are left out; expert slot 0 is the public FFN.
@@ -31,13 +31,13 @@ def anchor_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def fingerprint(sd: dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of the anchor view in sorted key order."""
+def fingerprint(sd: dict[str, Any]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of the anchor view (torch tensors) in sorted key order."""
     h = hashlib.sha256()
     for k, v in sorted(anchor_view(sd).items()):
-        t = v.detach().contiguous().cpu()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"{k}|{text(v)}|{tuple(v.shape)}\n".encode())
+        for c in _tensor_bytes(v):
+            h.update(c)
     return h.hexdigest()
 
 
@@ -45,6 +45,8 @@ def fingerprint(sd: dict[str, torch.Tensor]) -> str:
 
 def _tensor_bytes(t) -> Iterator[bytes]:
     """The C-order bytes of an in-memory tensor (one piece)."""
+    import torch
+
     t = t.detach().contiguous().cpu()
     yield t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
@@ -67,8 +69,9 @@ def bound(expert: dict[str, Any], digest: str) -> dict[str, Any]:
     return dict(expert, tensor_sha256=digest, tensor_sha256_format=TENSOR_SHA256_FORMAT)
 
 
-def slot_line(key: str, slot: int, dtype, shape, leaf: str) -> str:
-    """Format 2's line for one tensor of a slot: name, slot, dtype, shape and the sha256 of its bytes."""
+def slot_line(key: str, slot: int, dtype: str, shape, leaf: str) -> str:
+    """Format 2's line for one tensor of a slot: name, slot, dtype (as torch prints it: io.dtypes.text),
+    shape and the sha256 of its bytes."""
     return f"{key}[{slot}]|{dtype}|{tuple(shape)}|{leaf}\n"
 
 
@@ -95,7 +98,7 @@ def expert_tensor_sha256(sd: Mapping[str, Any], slot: int, num_layers: int,
             raise CheckpointError(f"tensor {key} missing: not a merged MoE state dict")
         t = sd[key][slot]
         if version == 1:
-            h.update(f"{key}[{slot}]|{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(f"{key}[{slot}]|{text(t)}|{tuple(t.shape)}\n".encode())
             for c in chunks(t):
                 h.update(c)
             continue
@@ -105,8 +108,28 @@ def expert_tensor_sha256(sd: Mapping[str, Any], slot: int, num_layers: int,
             for c in chunks(t):
                 part.update(c)
             leaf = part.hexdigest()
-        lines.append(slot_line(key, slot, t.dtype, t.shape, leaf))
+        lines.append(slot_line(key, slot, text(t), t.shape, leaf))
     return h.hexdigest() if version == 1 else compose(lines)
+
+
+def parts_leaves(files: Mapping[str, Any], tensors: Mapping[str, Any]) -> Callable[[str, int], str | None]:
+    """`leaves` for expert_tensor_sha256 from verified files entries: a slot that is exactly one part
+    of a parts-recorded file (`files`: name -> entry, checked against the bytes just before) takes
+    that part's sha256. `tensors`: the lazy tensors (io.stream) of those files."""
+    known: dict[tuple[str, int, int], str] = {}
+    for name, entry in files.items():
+        if is_parts(entry):
+            start = 0
+            for length, digest in entry["parts"]:
+                known[(name, start, length)] = digest
+                start += length
+
+    def leaf(key: str, slot: int) -> str | None:
+        spans = tensors[key][slot].spans
+        s = spans[0] if len(spans) == 1 else None
+        return None if s is None else known.get((s.path.name, s.start, s.length))
+
+    return leaf
 
 
 def verify_expert_hashes(sd: Mapping[str, Any], meta: dict[str, Any], num_layers: int, where: str | Path = "",
@@ -172,7 +195,7 @@ def stream_fingerprint(tensors: Mapping[str, Any], pool) -> str:
     h = hashlib.sha256()
     for k, v in sorted(anchor_view(tensors).items()):
         # Same record as fingerprint(): "name|dtype|shape\n" then the raw bytes.
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}\n".encode())
+        h.update(f"{k}|{text(v)}|{tuple(v.shape)}\n".encode())
         for c in pool.chunks(v):
             h.update(c)
     return h.hexdigest()

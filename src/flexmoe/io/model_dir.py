@@ -15,14 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from flexmoe.io.errors import CheckpointError  # defined there so io/schema and io/fingerprint can raise it
 from flexmoe.io.files import atomic_output_dir, atomic_write_text, is_temp_dir, sha256_file  # noqa: F401  (re-exported)
 from flexmoe.io.digests import verify as verify_digest
-from flexmoe.io.fingerprint import verify_expert_hashes
+from flexmoe.io.fingerprint import parts_leaves, verify_expert_hashes
+from flexmoe.io.prehash import stat_key
 from flexmoe.io.schema import MODEL_META, RESERVED_NAMES, check
 from flexmoe.io.shards import INDEX, is_weight_file, read_weights, weight_layout
 
@@ -52,7 +49,7 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
-def save_model_dir(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
+def save_model_dir(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, Any], meta: dict[str, Any],
                    extra_files: dict[str, Path] | None = None, overwrite: bool = False,
                    max_shard_size: int | str | None = None, progress=None) -> Path:
     """Write a native model directory atomically; `meta` lands in flexmoe.json with file sha256s.
@@ -185,7 +182,7 @@ def check_weight_listing(src: Path, meta: dict[str, Any]) -> list[str]:
     return names
 
 
-def load_model_dir(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def load_model_dir(src: str | Path, verify: bool = True) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """Read a native model directory; flexmoe.json is always schema-checked, and with `verify` the
     file sha256s and every expert's tensor_sha256 must match it."""
     src = Path(src)
@@ -195,6 +192,8 @@ def load_model_dir(src: str | Path, verify: bool = True) -> tuple[ModelConfig, d
         raise CheckpointError(f"{src}: is an expert package, not a model; merge it with the public model first")
     refuse_temp_dir(src)
     meta = read_model_meta(src)
+    weights = [n for n in meta.get("files", {}) if is_weight_file(n) and (src / n).is_file()]
+    before = {n: stat_key(src / n) for n in weights}  # the bytes loaded must be the bytes verified
     if verify:
         verify_files(src, meta)
     names = check_weight_listing(src, meta)
@@ -204,15 +203,23 @@ def load_model_dir(src: str | Path, verify: bool = True) -> tuple[ModelConfig, d
         raise CheckpointError(str(e).splitlines()[0]) from e
     if names != [WEIGHTS]:
         read_weights(src)  # the index against the shards' headers, both ways
-    sd: dict[str, torch.Tensor] = {}
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file  # torch tensors: the caller computes with them
+
+    sd: dict[str, Any] = {}
     for name in names[1:] if names[0] == INDEX else names:
         try:
             sd.update(load_file(str(src / name)))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{src / name}: cannot read safetensors ({e})") from e
+    changed = next((n for n in weights if stat_key(src / n) != before[n]), None)
+    if verify and changed:
+        raise CheckpointError(f"{src / changed}: changed while it was being read; re-run once nothing writes to it")
     if verify and cfg.is_moe:
         try:
-            verify_expert_hashes(sd, meta, cfg.num_layers, src)
+            # A slot whose bytes are one part of a file just verified by parts takes that part's digest.
+            leaves = parts_leaves(meta["files"], read_weights(src))
+            verify_expert_hashes(sd, meta, cfg.num_layers, src, leaves=leaves)
         except (IndexError, RuntimeError) as e:  # tensors of another shape than the config says
             raise CheckpointError(f"{src / WEIGHTS}: expert tensors do not fit {src / CONFIG} ({e})") from e
     return cfg, sd, meta

@@ -17,8 +17,9 @@ from flexmoe.io.keys import NATIVE_ONLY, is_per_expert_key, native_shapes, stora
 from flexmoe.io.hf_dir import hf_architecture
 from flexmoe.io.model_dir import (CONFIG, META, CheckpointError, carry_tokenizer, check_weight_listing, read_model_meta, refuse_temp_dir,
                                   verify_files, write_json)
+from flexmoe.io.dtypes import text
 from flexmoe.io.files import sha256_file
-from flexmoe.io.fingerprint import bound, compose, expert_record_keys, slot_line, verify_expert_hashes
+from flexmoe.io.fingerprint import bound, compose, expert_record_keys, parts_leaves, slot_line, verify_expert_hashes
 from flexmoe.io.schema import MODEL_FORMAT
 from flexmoe.io.shards import read_weights
 from flexmoe.io.stream import FilePool, LazyTensor
@@ -68,7 +69,9 @@ def open_native(src: str | Path, verify: bool = True, defer: FilePool | None = N
                                   f"{list(shape)}")
     if verify and defer is None and cfg.is_moe:
         with FilePool() as pool:
-            verify_expert_hashes(tensors, meta, cfg.num_layers, src, chunks=pool.chunks)
+            # Slots whose bytes are a part just verified take that part's digest (format 2 records).
+            verify_expert_hashes(tensors, meta, cfg.num_layers, src, chunks=pool.chunks,
+                                 leaves=parts_leaves(meta["files"], tensors))
     return cfg, tensors, meta
 
 
@@ -110,7 +113,7 @@ def write_native(tmp: Path, cfg: ModelConfig, tensors: dict[str, Source], meta: 
     if bind_experts:
         records = expert_record_keys(cfg.num_layers)
         meta = dict(meta, experts=[bound(e, compose(
-            slot_line(k, j, tensors[k].dtype, tuple(tensors[k].shape[1:]), parts.leaves[(k, j)]) for k in records))
+            slot_line(k, j, text(tensors[k]), tuple(tensors[k].shape[1:]), parts.leaves[(k, j)]) for k in records))
             for j, e in enumerate(meta["experts"])])
     if finish is not None:
         meta = finish(meta)

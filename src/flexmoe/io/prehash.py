@@ -18,6 +18,7 @@ make and rsync rely on).
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flexmoe.io.digests import hash_file, is_parts, part_lengths
+from flexmoe.io.digests import Reader, hash_file, is_parts, part_lengths
+from flexmoe.io.dtypes import FLOATING, ITEMSIZE, NAMES, TORCH_TEXT, nonfinite
 from flexmoe.io.errors import CheckpointError
 
 CHUNK = 1 << 24
@@ -49,29 +51,21 @@ def stat_key(path: str | Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
-_stat_key = stat_key
-
 
 def _hash_one(path: str, lengths: list[int] | None = None, finite: bool = False) -> dict:
     """The file's sha256 (or with `lengths` its parts' sha256s: io.digests) and its stat key; with
     `finite`, also `nonfinite`: the first tensor holding NaN or Inf ("" when none does), from the
     same read (absent when the file is not a safetensors file this reader can check)."""
-    before = _stat_key(path)
+    before = stat_key(path)
     try:
         check = _Finite(path) if finite else None
     except (OSError, ValueError, KeyError, TypeError, struct.error, ImportError):
         check = None  # the parent checks the values itself
-    got = hash_file(path, lengths, visit=check)
-    rec = {"path": path, "sha256": got, "stat": before if _stat_key(path) == before else None}
+    got = hash_file(path, lengths, visit=check, mapped=True)
+    rec = {"path": path, "sha256": got, "stat": before if stat_key(path) == before else None}
     if check is not None:
         rec["nonfinite"] = check.bad or ""
     return rec
-
-
-# The bits of each float dtype's exponent: all set means Inf or NaN (float8 e4m3fn: the NaN pattern).
-_NONFINITE = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
-              "BF16": ("<u2", 0x7F80), "F8_E4M3": ("u1", 0x7F), "F8_E5M2": ("u1", 0x7C)}
-_NUMPY_FLOAT = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}  # checked by a sum first: one pass, no temporary
 
 
 class _Finite:
@@ -79,15 +73,12 @@ class _Finite:
     tensor holding NaN or Inf; `bad` is its name."""
 
     def __init__(self, path: str):
-        import numpy as np
-
-        self.np = np
         with open(path, "rb") as fh:
             n = struct.unpack("<Q", fh.read(8))[0]
             header = json.loads(fh.read(n))
         header.pop("__metadata__", None)
         self.regions = sorted((8 + n + int(e["data_offsets"][0]), 8 + n + int(e["data_offsets"][1]), e["dtype"], name)
-                              for name, e in header.items() if e["dtype"] in _NONFINITE)
+                              for name, e in header.items() if e["dtype"] in FLOATING)
         self.bad, self._i, self._carry = None, 0, b""
 
     def __call__(self, offset: int, view) -> None:
@@ -99,25 +90,14 @@ class _Finite:
             if hi > offset:
                 data = bytes(self._carry) + bytes(view[max(lo, offset) - offset:min(hi, end) - offset]) \
                     if self._carry else view[max(lo, offset) - offset:min(hi, end) - offset]
-                kind, mask = _NONFINITE[dtype]
-                size = self.np.dtype(kind).itemsize
+                size = ITEMSIZE[dtype]
                 whole = len(data) // size * size  # an element split between two reads waits for the rest
-                if self._nonfinite(data[:whole], dtype, kind, mask):
+                if nonfinite(data[:whole], dtype):
                     self.bad = name
                 self._carry = bytes(data[whole:])
             if hi > end:
                 return
             self._i, self._carry = self._i + 1, b""
-
-    def _nonfinite(self, data, dtype: str, kind: str, mask: int) -> bool:
-        np = self.np
-        if dtype in _NUMPY_FLOAT:
-            values = np.frombuffer(data, dtype=_NUMPY_FLOAT[dtype])
-            with np.errstate(over="ignore", invalid="ignore"):
-                # A sum is finite only if every value is (or it overflowed: then look at each value).
-                return not np.isfinite(values.sum()) and not bool(np.isfinite(values).all())
-        bits = np.frombuffer(data, dtype=kind)
-        return bool(((bits & mask) == mask).any())
 
 
 class Prehash:
@@ -219,7 +199,7 @@ class Prehash:
         if rec is None:
             return None
         try:
-            unchanged = rec["stat"] is not None and rec["stat"] == _stat_key(path)
+            unchanged = rec["stat"] is not None and rec["stat"] == stat_key(path)
         except OSError:
             unchanged = False
         if not unchanged:
@@ -266,6 +246,19 @@ def start(paths: list[Path], fingerprint: list[Path] = (), parts: dict[Path, lis
 def active() -> Prehash | None:
     """The running prehash (io.stream.FilePool consults it when told to expect a digest)."""
     return _ACTIVE
+
+
+def finite_checked(paths) -> frozenset:
+    """Those of `paths` whose values a child process checked and found finite; a NaN or Inf it found is
+    refused here (the caller's writer then needs no bytes of them for that check)."""
+    pre, done = active(), set()
+    for path in paths:
+        bad = pre.nonfinite(path) if pre is not None and pre.covers(path) else None
+        if bad:
+            raise CheckpointError(f"{path}: {bad} holds NaN or Inf values; the expert is broken, do not merge it")
+        if bad == "":
+            done.add(path)
+    return frozenset(done)
 
 
 def known_fingerprint(tensors: dict) -> str | None:
@@ -318,11 +311,6 @@ def parts_of(records: dict[Path, object]) -> dict[Path, list[int]]:
     return out
 
 
-# torch's names of safetensors dtypes, as io.fingerprint's records spell them ("torch.float32")
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
 
 def _fingerprint(files: list[str]) -> dict:
     """io.fingerprint.fingerprint of the dense model whose weights are `files`, read without torch;
@@ -330,7 +318,7 @@ def _fingerprint(files: list[str]) -> dict:
     from flexmoe.config.model import NATIVE_BUFFERS
     from flexmoe.io.keys import is_router_key, parse_experts_key
 
-    stats = {f: _stat_key(f) for f in files}
+    stats = {f: stat_key(f) for f in files}
     spans = {}
     for f in files:
         with open(f, "rb") as fh:
@@ -338,27 +326,28 @@ def _fingerprint(files: list[str]) -> dict:
             header = json.loads(fh.read(n))
         header.pop("__metadata__", None)
         for key, e in header.items():
-            if parse_experts_key(key) or e["dtype"] not in _TORCH_NAMES:
+            if parse_experts_key(key) or e["dtype"] not in NAMES:
                 return {"fingerprint_of": files, "fingerprint": None}  # an MoE: not a public model
             if not (is_router_key(key) or key in NATIVE_BUFFERS):
                 lo, hi = e["data_offsets"]
                 spans[key] = (f, 8 + n + lo, hi - lo, e["dtype"], tuple(e["shape"]))
-    h, buf = hashlib.sha256(), bytearray(CHUNK)
-    handles = {f: open(f, "rb", buffering=0) for f in files}
-    try:
+    h = hashlib.sha256()
+    # Mapped, as hash_file(mapped=True) reads: no copy out of the page cache (a truncation kills
+    # this child with SIGBUS; the parent then computes the fingerprint itself).
+    with contextlib.ExitStack() as stack:
+        readers = {f: stack.enter_context(Reader(stack.enter_context(open(f, "rb", buffering=0)), True))
+                   for f in files}
         for key in sorted(spans):
             f, start, length, dtype, shape = spans[key]
-            h.update(f"{key}|torch.{_TORCH_NAMES[dtype]}|{shape}\n".encode())
+            h.update(f"{key}|{TORCH_TEXT[dtype]}|{shape}\n".encode())
+            readers[f].seek(start)
             while length:
-                got = os.preadv(handles[f].fileno(), [memoryview(buf)[:min(length, CHUNK)]], start)
-                if not got:
+                piece = readers[f].read(min(length, CHUNK))
+                if not len(piece):
                     return {"fingerprint_of": files, "fingerprint": None}
-                h.update(memoryview(buf)[:got])
-                start, length = start + got, length - got
-    finally:
-        for fh in handles.values():
-            fh.close()
-    same = all(_stat_key(f) == st for f, st in stats.items())
+                h.update(piece)
+                length -= len(piece)
+    same = all(stat_key(f) == st for f, st in stats.items())
     return {"fingerprint_of": files, "fingerprint": h.hexdigest() if same else None}
 
 

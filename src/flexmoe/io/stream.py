@@ -21,20 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from flexmoe.io import prehash
+from flexmoe.io.dtypes import ITEMSIZE, NAMES, torch_dtype
 from flexmoe.io.digests import hash_file, is_parts, mismatch, part_lengths
 from flexmoe.io.errors import CheckpointError
-from flexmoe.io.files import preallocate, sha256_file
 from flexmoe.io.fingerprint import stream_fingerprint  # noqa: F401  (re-exported: it reads through a FilePool)
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CHUNK = 1 << 24  # 16 MiB: enough for full disk speed, negligible next to any real model
 COPY_STEP = 1 << 26  # bytes per copy_file_range call: progress granularity, no memory cost
 MAX_HEADER = 100 << 20  # a header beyond this is a corrupt length field, not a real model
@@ -51,11 +43,21 @@ class Span:
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor whose C-order bytes are the concatenation of `spans`; nothing is read until asked."""
+    """A tensor whose C-order bytes are the concatenation of `spans`; nothing is read until asked.
+    `st` is its dtype's safetensors name; `dtype` gives torch's (importing torch: a merge plans and
+    copies with `st` and `itemsize` alone, io.dtypes)."""
 
-    dtype: torch.dtype
+    st: str
     shape: tuple[int, ...]
     spans: tuple[Span, ...]
+
+    @property
+    def dtype(self):
+        return torch_dtype(self.st)
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.st]
 
     @property
     def nbytes(self) -> int:
@@ -72,27 +74,27 @@ class LazyTensor:
         if not 0 <= start < stop <= n:
             raise IndexError(f"rows {start}:{stop} out of range for dim 0 of size {n}")
         row = self.nbytes // n
-        return LazyTensor(self.dtype, (stop - start,) + self.shape[1:], _cut(self.spans, start * row, (stop - start) * row))
+        return LazyTensor(self.st, (stop - start,) + self.shape[1:], _cut(self.spans, start * row, (stop - start) * row))
 
     def __getitem__(self, j: int) -> "LazyTensor":
         """Slot j along dim 0 (so `fingerprint.anchor_view`'s `v[0]` works on lazy tensors)."""
         r = self.rows(j, j + 1)
-        return LazyTensor(self.dtype, self.shape[1:], r.spans)
+        return LazyTensor(self.st, self.shape[1:], r.spans)
 
     def flat(self, start: int, stop: int) -> "LazyTensor":
         """Elements [start, stop) of the flattened tensor, as a 1-D lazy tensor."""
-        size = self.dtype.itemsize
-        return LazyTensor(self.dtype, (stop - start,), _cut(self.spans, start * size, (stop - start) * size))
+        size = self.itemsize
+        return LazyTensor(self.st, (stop - start,), _cut(self.spans, start * size, (stop - start) * size))
 
 
 def stack(parts: list[LazyTensor]) -> LazyTensor:
     """Lazy `torch.stack(parts)`: the parts' bytes back to back; all must agree in dtype and shape."""
     first = parts[0]
     for p in parts[1:]:
-        if p.dtype != first.dtype or p.shape != first.shape:
-            raise CheckpointError(f"{p.path}: a tensor has {p.dtype} {p.shape} where its sibling in {first.path} "
-                                  f"has {first.dtype} {first.shape}; experts of one layer must agree")
-    return LazyTensor(first.dtype, (len(parts),) + first.shape, tuple(s for p in parts for s in p.spans))
+        if p.st != first.st or p.shape != first.shape:
+            raise CheckpointError(f"{p.path}: a tensor has {p.st} {p.shape} where its sibling in {first.path} "
+                                  f"has {first.st} {first.shape}; experts of one layer must agree")
+    return LazyTensor(first.st, (len(parts),) + first.shape, tuple(s for p in parts for s in p.spans))
 
 
 def _cut(spans: tuple[Span, ...], offset: int, length: int) -> tuple[Span, ...]:
@@ -131,12 +133,12 @@ def read_header(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, str]
     try:
         entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         for name, e in entries:
-            dtype = DTYPES.get(e["dtype"])
-            if dtype is None:
+            dtype = e["dtype"]
+            if dtype not in NAMES:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
             shape = tuple(int(d) for d in e["shape"])
             lo, hi = (int(x) for x in e["data_offsets"])
-            if lo != end or hi - lo != math.prod(shape) * dtype.itemsize:
+            if lo != end or hi - lo != math.prod(shape) * ITEMSIZE[dtype]:
                 raise CheckpointError(f"{path}: tensor {name} has inconsistent offsets {lo}:{hi}; the header is corrupt")
             out[name], end = LazyTensor(dtype, shape, (Span(path, base + lo, hi - lo),)), hi
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -316,77 +318,38 @@ class FilePool:
                 done += n
                 yield n
             if done < s.length:
-                for c in self.chunks(LazyTensor(torch.uint8, (s.length - done,), (Span(s.path, s.start + done, s.length - done),))):
+                for c in self.chunks(LazyTensor("U8", (s.length - done,), (Span(s.path, s.start + done, s.length - done),))):
                     write_all(out, c)
                     yield len(c)
 
-    def read(self, t: LazyTensor) -> torch.Tensor:
-        """The whole tensor in memory (for small tensors, or one expert slot)."""
+    def read_bytes(self, t: LazyTensor) -> bytearray:
+        """The tensor's bytes in memory (for small tensors, or one expert slot)."""
         self._flush()
-        out = torch.empty(t.nbytes, dtype=torch.uint8)
-        buf, pos = out.numpy(), 0
+        buf, pos = bytearray(t.nbytes), 0
         for s in t.spans:
             f = self._file(s.path)
             f.seek(s.start)
-            if f.readinto(memoryview(buf)[pos:pos + s.length]) != s.length:
+            view = memoryview(buf)[pos:pos + s.length]
+            if f.readinto(view) != s.length:
                 raise CheckpointError(f"{s.path}: ended early while reading; the file changed or is truncated")
-            self._track(s.path, s.start, memoryview(buf)[pos:pos + s.length])
+            self._track(s.path, s.start, view)
             pos += s.length
-        return out.view(t.dtype).reshape(t.shape)
+        return buf
 
+    def read(self, t: LazyTensor):
+        """The whole tensor in memory as a torch tensor (imports torch)."""
+        import torch
+
+        data = self.read_bytes(t)
+        if not data:
+            return torch.empty(t.shape, dtype=t.dtype)
+        return torch.frombuffer(data, dtype=torch.uint8).view(t.dtype).reshape(t.shape)
 
 
 # --- writing -------------------------------------------------------------------------------------
-
-def out_dtype(t: LazyTensor, cast: torch.dtype | None) -> torch.dtype:
-    """`cast` applies to floating-point tensors only."""
-    return cast if cast is not None and t.dtype.is_floating_point else t.dtype
-
-
-def out_nbytes(t: LazyTensor, cast: torch.dtype | None) -> int:
-    return math.prod(t.shape) * out_dtype(t, cast).itemsize
-
 
 def write_all(out, data) -> None:
     """Write all of `data` to raw (unbuffered) file `out`, which may take partial writes."""
     view = memoryview(data).cast("B")
     while len(view):
         view = view[out.write(view):]
-
-
-def write_file(path: str | Path, tensors: dict[str, LazyTensor], pool: FilePool, *, cast: torch.dtype | None = None,
-               metadata: dict[str, str] | None = None, progress=None, digest: bool = True) -> str | None:
-    """Write `tensors` (in dict order) as one safetensors file; returns its sha256 (None without `digest`).
-
-    The sha256 is taken by reading the file back (from the page cache), which costs less than
-    passing every byte through Python on the way in.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    pos = 0
-    for name, t in tensors.items():
-        size = out_nbytes(t, cast)
-        header[name] = {"dtype": DTYPE_NAMES[out_dtype(t, cast)], "shape": list(t.shape), "data_offsets": [pos, pos + size]}
-        pos += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
-    # Unbuffered, so kernel copies (copy_file_range) and our writes share one file position.
-    with open(path, "wb", buffering=0) as f:
-        preallocate(f, 8 + len(raw) + pos)
-        write_all(f, struct.pack("<Q", len(raw)) + raw)
-        for t in tensors.values():
-            dst = out_dtype(t, cast)
-            if dst == t.dtype:
-                steps: Iterator[int] = pool.copy_into(t, f)
-            else:
-                steps = _cast_into(t, dst, pool, f)
-            for n in steps:
-                if progress is not None:
-                    progress.advance(n)
-    return sha256_file(path) if digest else None
-
-
-def _cast_into(t: LazyTensor, dst: torch.dtype, pool: FilePool, out) -> Iterator[int]:
-    for c in pool.chunks(t, align=t.dtype.itemsize):
-        data = torch.frombuffer(c, dtype=t.dtype).to(dst).view(torch.uint8).numpy()
-        write_all(out, data)
-        yield len(data)

@@ -23,10 +23,11 @@ import torch
 from flexmoe.config.model import ModelConfig
 from flexmoe.io.files import sha256_file
 from flexmoe.io.fingerprint import anchor_view, bind_expert_hashes
-from flexmoe.io.model_dir import CONFIG, META, WEIGHTS, atomic_dir, carry_tokenizer, write_json
+from flexmoe.io.model_dir import CONFIG, META, atomic_dir, carry_tokenizer, write_json
 from flexmoe.io.schema import MODEL_FORMAT
 from flexmoe.io.shards import INDEX, index_record, plan_shards, shard_names
-from flexmoe.io.stream import DTYPE_NAMES, FilePool, read_header, write_all
+from flexmoe.io.dtypes import st_name
+from flexmoe.io.stream import FilePool, read_header, write_all
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def write_weights(path: Path, tensors: dict[str, Made], tap: _Fingerprint | None
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for k, t in tensors.items():
-        header[k] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        header[k] = {"dtype": st_name(t), "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
         pos += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it

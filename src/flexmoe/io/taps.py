@@ -2,21 +2,18 @@
 
 Per-expert hashes (ExpertHashTap), value checks (FiniteTap), and each file's parts entry
 (PartsTap, io.digests). A tap's work goes into `jobs`, which the writer runs in parallel with the
-write (hashlib and torch release the GIL).
+write (hashlib and numpy release the GIL).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from flexmoe.io import prehash
 from flexmoe.io.digests import parts_record
+from flexmoe.io.dtypes import nonfinite, st_name, text
 from flexmoe.io.errors import CheckpointError
 from flexmoe.io.fingerprint import TENSOR_SHA256_FORMAT, compose, slot_line
 from flexmoe.io.sources import Skipped, Source, Stacked, nbytes
@@ -26,7 +23,7 @@ from flexmoe.io.stream import LazyTensor
 class Tap:
     """Sees every output tensor's bytes as they are written: begin, pieces at byte offsets, end.
 
-    `update` appends its work to `jobs` (callables; hashlib and torch release the GIL), which the
+    `update` appends its work to `jobs` (callables; hashlib and numpy release the GIL), which the
     writer runs in parallel with the write and waits for before the next piece is read."""
 
     def begin(self, name: str, src: Source) -> None: ...
@@ -104,7 +101,7 @@ class ExpertHashTap(SlotTap):
         self._next += 1
         shape = tuple(src.shape[1:])
         for (j, n), h in self.v1.items():
-            h.update(f"{name}[{n}]|{src.dtype}|{shape}\n".encode())
+            h.update(f"{name}[{n}]|{text(src)}|{shape}\n".encode())
         self.leaf = {j: hashlib.sha256() for j, _ in self.lines}
 
     def slot(self, name, j, at, data, jobs):
@@ -116,7 +113,7 @@ class ExpertHashTap(SlotTap):
 
     def finish(self, name, src):
         for (j, n), lines in self.lines.items():
-            lines.append(slot_line(name, n, src.dtype, tuple(src.shape[1:]), self.leaf[j].hexdigest()))
+            lines.append(slot_line(name, n, text(src), tuple(src.shape[1:]), self.leaf[j].hexdigest()))
 
     def digests(self) -> dict[tuple[int, int, int], str]:
         if self._next != len(self.order):
@@ -155,7 +152,7 @@ class PartsTap(Tap):
         if self._split:
             # The slots written: a Skipped part is read, not written; a part cast to the stack's dtype
             # has other bytes than its input's.
-            slots = [p if p.dtype == src.dtype else None for p in src.parts if not isinstance(p, Skipped)] \
+            slots = [p if st_name(p) == src.st else None for p in src.parts if not isinstance(p, Skipped)] \
                 if isinstance(src, Stacked) else [None] * src.shape[0]
             self._plan = [(size // src.shape[0], self._known(part)) for part in slots]
         else:
@@ -199,33 +196,25 @@ class PartsTap(Tap):
 
 
 class FiniteTap(SlotTap):
-    """Refuses NaN / Inf in chosen slots: `checks[name][j]` = (file, key) named in the refusal."""
+    """Refuses NaN / Inf in chosen slots: `checks[name][j]` = (file, key) named in the refusal. Slots of
+    the files in `checked` (io.prehash.finite_checked: a child process read them already) are skipped."""
 
-    def __init__(self, checks: dict[str, dict[int, tuple[Path, str]]]):
-        # A file a child process read and checked already (io.prehash) is not checked again: a NaN
-        # it found is refused here, before the writer's first byte; the rest need no bytes from us.
-        pre, done = prehash.active(), {}
-        for where in {w[0] for slots in checks.values() for w in slots.values()}:
-            bad = pre.nonfinite(where) if pre is not None and pre.covers(where) else None
-            if bad:
-                raise CheckpointError(f"{where}: {bad} holds NaN or Inf values; the expert is broken, do not merge it")
-            done[where] = bad == ""
-        checks = {k: {j: w for j, w in slots.items() if not done[w[0]]} for k, slots in checks.items()}
+    def __init__(self, checks: dict[str, dict[int, tuple[Path, str]]], checked: frozenset = frozenset()):
+        checks = {k: {j: w for j, w in slots.items() if w[0] not in checked} for k, slots in checks.items()}
         checks = {k: slots for k, slots in checks.items() if slots}
         super().__init__(checks)
         self.checks, self._dtype = checks, None
 
     def start(self, name, src):
-        self._dtype = src.dtype
+        self._dtype = st_name(src)
 
     def slot(self, name, j, at, data, jobs):
         where = self.checks[name].get(j)
         if where is not None and len(data):
-            jobs.append(functools.partial(_check_finite, torch.frombuffer(data, dtype=self._dtype), where))
+            jobs.append(functools.partial(_check_finite, data, self._dtype, where))
 
 
-def _check_finite(values: torch.Tensor, where: tuple[Path, str]) -> None:
-    # A sum is finite only if every value is (or it overflowed: then look at each value).
-    if math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all()):
+def _check_finite(data: memoryview, dtype: str, where: tuple[Path, str]) -> None:
+    if not nonfinite(data, dtype):
         return
     raise CheckpointError(f"{where[0]}: {where[1]} holds NaN or Inf values; the expert is broken, do not merge it")

@@ -28,7 +28,8 @@ from flexmoe.io.files import preallocate
 from flexmoe.io.shards import INDEX, index_record, plan_shards, shard_names
 from flexmoe.io.sources import (Generated, Skipped, Source, Stacked, nbytes, source_pieces,  # noqa: F401  (re-exported)
                                 stacked)
-from flexmoe.io.stream import DTYPE_NAMES, FilePool, LazyTensor, write_all
+from flexmoe.io.dtypes import st_name
+from flexmoe.io.stream import FilePool, LazyTensor, write_all
 from flexmoe.io.taps import ExpertHashTap, FiniteTap, PartsTap, SlotTap, Tap  # noqa: F401  (re-exported)
 
 KILL_ENV = "FLEXMOE_TEST_KILL_AT"
@@ -47,7 +48,7 @@ def _header(tensors: dict[str, Source], keys: list[str], metadata: dict[str, str
     pos = 0
     for k in keys:
         t, size = tensors[k], nbytes(tensors[k])
-        header[k] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + size]}
+        header[k] = {"dtype": st_name(t), "shape": list(t.shape), "data_offsets": [pos, pos + size]}
         pos += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
@@ -107,7 +108,7 @@ def _spans(src: Source) -> list[LazyTensor] | None:
     """The input byte spans `src` is, in order, when it is nothing but a copy of them."""
     if isinstance(src, LazyTensor):
         return [src]
-    if isinstance(src, Stacked) and all(isinstance(p, LazyTensor) and p.dtype == src.dtype for p in src.parts):
+    if isinstance(src, Stacked) and all(isinstance(p, LazyTensor) and p.st == src.st for p in src.parts):
         return list(src.parts)
     return None
 

@@ -230,7 +230,8 @@ def owner_rows_merge(public_dir, packages, out_dir, **merge_kw) -> Path:
     """`merge --routing topk --calibrate owner`: the top-k merge with the public row as is in slot
     0 and each package's fitted rows in its slot; `calibration` in flexmoe.json records the fits.
     `merge_kw`: flex.merge.merge's keyword arguments (routing is topk)."""
-    from flexmoe.flex.merge import _public_router_file, _public_rows, merge
+    from flexmoe.flex.merge import merge
+    from flexmoe.flex.merge_router import public_router_file, public_rows
     from flexmoe.io.hf_dir import hf_architecture
     from flexmoe.io.model_dir import CheckpointError
     from flexmoe.io.native import open_native
@@ -242,7 +243,7 @@ def owner_rows_merge(public_dir, packages, out_dir, **merge_kw) -> Path:
     cfg, _, meta = open_native(public_dir, verify=False)
     if merge_kw.get("router_rows", "raw") != "raw":
         raise CheckpointError("--calibrate owner stacks rows fitted against the raw public row; use --router-rows raw")
-    public = _public_rows(public_dir, _public_router_file(public_dir, meta)[1], cfg)
+    public = torch.from_numpy(public_rows(public_dir, public_router_file(public_dir, meta)[1], cfg))
     digest = row_digest(public)
     for pkg, r, rec in zip(packages, rows, records):
         if tuple(r.shape) != (cfg.num_layers, cfg.d_model):
