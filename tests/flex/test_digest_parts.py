@@ -315,3 +315,40 @@ def test_mapped_reads_hash_what_plain_reads_hash(world, monkeypatch, window):
         assert digests.hash_file(path, lengths[:-1], mapped=mapped)[-1] == "long"
         assert digests.hash_file(path, lengths + [8], mapped=mapped)[-1] == "short"
     assert seen[True] == seen[False] == path.read_bytes()
+
+
+def test_format_2_expert_records_hash_no_slot_twice(world, tmp_path, monkeypatch):
+    """remove-expert and import-hf bind (and check) format-2 records from the per-slot digests of the
+    file's parts entry: the expert tap hashes no byte of its own. A format-1 source still needs it."""
+    from flexmoe.convert.hf_export import export_hf
+    from flexmoe.convert.hf_import import import_hf
+    from flexmoe.io.taps import ExpertHashTap
+
+    hashed = []
+    real = ExpertHashTap.slot
+
+    def spy(self, name, j, at, data, jobs):  # the hash updates the tap queues
+        before = len(jobs)
+        real(self, name, j, at, data, jobs)
+        hashed.append(len(jobs) - before)
+
+    monkeypatch.setattr(ExpertHashTap, "slot", spy)
+    out = merge(world["public"], world["pkgs"], tmp_path / "m", max_shard_size="40KB")
+    rel = remove_expert(out, tmp_path / "rel", "code")
+    export_hf(out, tmp_path / "hf")
+    back = import_hf(tmp_path / "hf", tmp_path / "back")
+    assert len(hashed) > 0 and sum(hashed) == 0  # shown the bytes (another tap wanted them), hashed none
+    for d, n in ((rel, 2), (back, 3)):
+        _, sd, meta = load_model_dir(d)  # every new record verified against the tensors
+        assert [e["tensor_sha256_format"] for e in meta["experts"]] == [2] * n
+    # the same model with format-1 records: remove-expert hashes the slots to check them
+    cfg, sd, meta = load_model_dir(out)
+    old = dict(meta, experts=[{k: v for k, v in dict(e, tensor_sha256=expert_tensor_sha256(
+        sd, j, cfg.num_layers, version=1)).items() if k != "tensor_sha256_format"} for j, e in enumerate(meta["experts"])])
+    (out / "flexmoe.json").write_text(json.dumps(old))
+    remove_expert(out, tmp_path / "rel1", "code")
+    assert sum(hashed) > 0
+    bad = dict(old, experts=[old["experts"][0], old["experts"][1], dict(old["experts"][2], tensor_sha256="0" * 64)])
+    (out / "flexmoe.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="slot 2 .* does not match its tensor_sha256"):
+        remove_expert(out, tmp_path / "rel2", "code")

@@ -101,6 +101,9 @@ def write_native(tmp: Path, cfg: ModelConfig, tensors: dict[str, Source], meta: 
     # Weight files are recorded by parts (io.digests), per-expert tensors slot by slot: bytes copied
     # from a verified part of an input take its digest, and the experts' records compose from them.
     parts = PartsTap([k for k in order if is_per_expert_key(k)], pool.known)
+    for tap in taps:
+        if isinstance(tap, ExpertHashTap):
+            tap.parts_tap = parts  # its format-2 records compose from these per-slot digests
     try:
         files = write_tensors(tmp, {k: tensors[k] for k in order}, pool, max_shard_size=parse_size(max_shard_size),
                               taps=(*taps, parts), progress=progress)

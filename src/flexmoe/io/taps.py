@@ -83,7 +83,11 @@ class ExpertHashTap(SlotTap):
     fingerprint.TENSOR_SHA256_FORMAT) or (number, format) pairs. Its own number binds its new
     record; remove-expert also adds its slot in the source, in the format of the source's record,
     to verify that record in the same pass. `digests()` is keyed (j, number, format). The tensors
-    must be written in `keys.storage_rank` order, which is the order the hash reads them."""
+    must be written in `keys.storage_rank` order, which is the order the hash reads them.
+
+    Format 1 hashes the bytes as they pass. Format 2 hashes nothing here: its lines take each slot's
+    digest from `parts_tap`, the PartsTap of the same pass (io.native.write_native sets it), which has it
+    already (known from a verified input, or hashed once for the file's parts entry)."""
 
     def __init__(self, record_keys: list[str], labels: list[list]):
         super().__init__(record_keys)
@@ -91,9 +95,9 @@ class ExpertHashTap(SlotTap):
         self.labels = [list(dict.fromkeys(lab if isinstance(lab, tuple) else (lab, TENSOR_SHA256_FORMAT)
                                           for lab in labs)) for labs in labels]
         self.v1 = {(j, n): hashlib.sha256() for j, labs in enumerate(self.labels) for n, v in labs if v == 1}
-        self.lines: dict[tuple[int, int], list[str]] = {
-            (j, n): [] for j, labs in enumerate(self.labels) for n, v in labs if v != 1}
-        self.leaf: dict[int, Any] = {}  # slot j -> sha256 of the current tensor's slot j (format 2)
+        self.v2 = [(j, n) for j, labs in enumerate(self.labels) for n, v in labs if v != 1]
+        self.parts_tap: PartsTap | None = None
+        self._seen: list[tuple[str, str, tuple]] = []  # (name, dtype text, slot shape) in record order
 
     def start(self, name, src):
         if self.order[self._next] != name:
@@ -102,24 +106,24 @@ class ExpertHashTap(SlotTap):
         shape = tuple(src.shape[1:])
         for (j, n), h in self.v1.items():
             h.update(f"{name}[{n}]|{text(src)}|{shape}\n".encode())
-        self.leaf = {j: hashlib.sha256() for j, _ in self.lines}
+        self._seen.append((name, text(src), shape))
+
+    def wants(self, name):
+        return self._cur is not None and bool(self.v1)  # format 2 needs no bytes of its own
 
     def slot(self, name, j, at, data, jobs):
         for n, v in self.labels[j] if j < len(self.labels) else ():
             if v == 1:
                 jobs.append(functools.partial(self.v1[(j, n)].update, data))
-        if j in self.leaf:
-            jobs.append(functools.partial(self.leaf[j].update, data))
-
-    def finish(self, name, src):
-        for (j, n), lines in self.lines.items():
-            lines.append(slot_line(name, n, text(src), tuple(src.shape[1:]), self.leaf[j].hexdigest()))
 
     def digests(self) -> dict[tuple[int, int, int], str]:
         if self._next != len(self.order):
             raise AssertionError(f"expert hash saw {self._next} of {len(self.order)} tensors")
+        if self.v2 and self.parts_tap is None:
+            raise AssertionError("format 2 digests compose from a PartsTap's leaves; none was given")
         out = {(j, n, 1): h.hexdigest() for (j, n), h in self.v1.items()}
-        out.update({(j, n, TENSOR_SHA256_FORMAT): compose(lines) for (j, n), lines in self.lines.items()})
+        out.update({(j, n, TENSOR_SHA256_FORMAT): compose(slot_line(name, n, dtype, shape, self.parts_tap.leaves[(name, j)])
+                                                          for name, dtype, shape in self._seen) for j, n in self.v2})
         return out
 
 
