@@ -70,6 +70,15 @@ def test_cli_merge_composes_the_digests_hashing_would_give(world, tmp_path, chil
         yield from real(self, t, out)
 
     monkeypatch.setattr(FilePool, "copy_into", spy)
+    from flexmoe.io.copier import ShardCopier
+
+    real_submit = ShardCopier.submit
+
+    def submitted(self, path, copies):  # a shard's kernel copies left to a thread (io.copier)
+        copied.extend(length for _, _, length, _, _ in copies)
+        return real_submit(self, path, copies)
+
+    monkeypatch.setattr(ShardCopier, "submit", submitted)
     args = [str(world["public"]), *map(str, world["pkgs"]), "--max-shard-size", "40KB", "--quiet"]
     assert cli(["merge", *args, "--out", str(tmp_path / "cli")]) == 0
     cfg, sd, meta = load_model_dir(tmp_path / "cli")  # verifies every part and every expert record

@@ -229,3 +229,40 @@ def test_the_console_command_exits_at_once_with_its_output_flushed(world, tmp_pa
     bad = subprocess.run([*run, "--out", str(tmp_path / "m")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
         "exists and is not empty; give --out a new or empty directory")
+
+
+def _files(d):
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d)) if n != "flexmoe.json"}
+
+
+def test_shard_copies_on_threads_write_what_one_thread_writes(world, tmp_path, monkeypatch):
+    """io.copier: each shard's kernel copies run on a worker thread while the next shard is planned;
+    the files must be the single-threaded writer's byte for byte, through copy_file_range or, where
+    the kernel refuses it, through pread/pwrite; a copy that fails fails the merge and leaves nothing."""
+    import flexmoe.io.copier as copier
+    import flexmoe.io.writer as writer
+
+    submitted = []
+    real_submit = copier.ShardCopier.submit
+    monkeypatch.setattr(copier.ShardCopier, "submit", lambda self, p, c: submitted.append(len(c)) or real_submit(self, p, c))
+    merge(world["public"], world["pkgs"], tmp_path / "threads", max_shard_size="40KB")
+    assert len(submitted) > 1 and sum(submitted) > 0
+    before = len(submitted)
+    monkeypatch.setattr(writer, "usable_cpus", lambda: 1)
+    merge(world["public"], world["pkgs"], tmp_path / "one", max_shard_size="40KB")
+    assert len(submitted) == before  # one CPU: every copy in the writer's own thread
+    monkeypatch.undo()
+
+    def refuse(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(copier.os, "copy_file_range", refuse)
+    merge(world["public"], world["pkgs"], tmp_path / "fallback", max_shard_size="40KB")
+    one, threads, fallback = (_files(tmp_path / d) for d in ("one", "threads", "fallback"))
+    assert one == threads == fallback and len(one) > 3
+    meta = [json.loads((tmp_path / d / "flexmoe.json").read_text()) for d in ("one", "threads", "fallback")]
+    assert meta[0]["files"] == meta[1]["files"] == meta[2]["files"]
+    monkeypatch.setattr(copier, "_copy", lambda *a: 0)  # as if a source ended early under the copy
+    with pytest.raises(CheckpointError, match="ended early while reading"):
+        merge(world["public"], world["pkgs"], tmp_path / "broken", max_shard_size="40KB")
+    assert not (tmp_path / "broken").exists() and not any(p.name.startswith(".broken") for p in tmp_path.iterdir())

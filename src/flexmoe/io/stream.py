@@ -296,6 +296,15 @@ class FilePool:
                 done += got
                 yield view[:got]
 
+    def deferrable(self, t: LazyTensor) -> bool:
+        """Whether another thread may copy `t` in the kernel (io.copier): no span feeds a hash here."""
+        return hasattr(os, "copy_file_range") and all(s.path not in self._hash for s in t.spans)
+
+    def span_fds(self, t: LazyTensor) -> list[tuple[int, int, int, Path]]:
+        """(fd, start, length, path) of each span, its file opened here (a copier thread only reads
+        through the fd at explicit offsets, which leave this pool's file positions alone)."""
+        return [(self._file(s.path).fileno(), s.start, s.length, s.path) for s in t.spans]
+
     def copy_into(self, t: LazyTensor, out) -> Iterator[int]:
         """Append the tensor's bytes to raw file `out`, yielding bytes done per step.
 

@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
+from flexmoe.io.copier import ShardCopier
 from flexmoe.io.files import preallocate
+from flexmoe.io.prehash import usable_cpus
 from flexmoe.io.shards import INDEX, index_record, plan_shards, shard_names
 from flexmoe.io.sources import (Generated, Skipped, Source, Stacked, nbytes, source_pieces,  # noqa: F401  (re-exported)
                                 stacked)
@@ -33,6 +35,7 @@ from flexmoe.io.stream import FilePool, LazyTensor, write_all
 from flexmoe.io.taps import ExpertHashTap, FiniteTap, PartsTap, SlotTap, Tap  # noqa: F401  (re-exported)
 
 KILL_ENV = "FLEXMOE_TEST_KILL_AT"
+COPY_THREADS = 2  # measured on 2 cores only (io/copier.py)
 
 
 def kill_point(name: str) -> None:
@@ -59,18 +62,27 @@ def write_file(path: Path, tensors: dict[str, Source], pool: FilePool, *, metada
                taps: tuple[Tap, ...] = (), progress=None) -> str | dict:
     """Write `tensors` (in dict order) as one safetensors file; returns its files entry, taken on the
     way: the sha256, or with a PartsTap among `taps` its parts (io.digests)."""
+    return _write_file(path, tensors, pool, metadata=metadata, taps=taps, progress=progress)[0]
+
+
+def _write_file(path: Path, tensors: dict[str, Source], pool: FilePool, *, metadata: dict[str, str] | None = None,
+                taps: tuple[Tap, ...] = (), progress=None, copier: ShardCopier | None = None):
+    """write_file; with `copier`, the kernel copies no tap needs to see are left to its worker thread:
+    returns (entry, the copies' future or None). The entry needs none of those bytes."""
     parts = next((t for t in taps if isinstance(t, PartsTap)), None)
     h = hashlib.sha256() if parts is None else None
     queued, pool.jobs = pool.jobs, []  # input hashes join this writer's jobs
     try:
-        _write_pieces(path, tensors, pool, h, parts, metadata, taps, progress)
+        deferred = _write_pieces(path, tensors, pool, h, parts, metadata, taps, progress, copier is not None)
     finally:
         pool._flush()
         pool.jobs = queued
-    return h.hexdigest() if parts is None else parts.record()
+    future = copier.submit(path, deferred) if deferred else None
+    return (h.hexdigest() if parts is None else parts.record()), future
 
 
-def _write_pieces(path, tensors, pool, h, parts, metadata, taps, progress) -> None:
+def _write_pieces(path, tensors, pool, h, parts, metadata, taps, progress, defer: bool) -> list:
+    deferred: list[tuple[int, int, int, int, Path]] = []  # (source fd, at, length, destination at, source)
     with open(path, "wb", buffering=0) as f:
         head = _header(tensors, list(tensors), metadata or {"format": "pt"})
         preallocate(f, len(head) + sum(nbytes(t) for t in tensors.values()))
@@ -79,11 +91,20 @@ def _write_pieces(path, tensors, pool, h, parts, metadata, taps, progress) -> No
         else:
             h.update(head)
         write_all(f, head)
+        at = len(head)  # where the next tensor starts: a deferred copy leaves a gap the thread fills
         for k, src in tensors.items():
             offset = 0
             for tap in taps:
                 tap.begin(k, src)
             spans = _spans(src) if h is None and not any(tap.wants(k) for tap in taps) else None
+            if spans is not None and defer and all(pool.deferrable(p) for p in spans):
+                for part in spans:
+                    for fd, start, length, path_ in pool.span_fds(part):
+                        deferred.append((fd, start, length, at + offset, path_))
+                        offset += length
+                spans = []
+            elif f.tell() != at:
+                f.seek(at)
             for part in spans or ():  # no one needs the bytes: copied in the kernel (copy_file_range)
                 for n in pool.copy_into(part, f):
                     offset += n
@@ -100,8 +121,10 @@ def _write_pieces(path, tensors, pool, h, parts, metadata, taps, progress) -> No
                     progress.advance(len(piece))
             if offset != nbytes(src):
                 raise AssertionError(f"{k}: wrote {offset} bytes, its header says {nbytes(src)}")
+            at += offset
             for tap in taps:
                 tap.end(k)
+    return deferred
 
 
 def _spans(src: Source) -> list[LazyTensor] | None:
@@ -158,11 +181,22 @@ def write_tensors(tmp: Path, tensors: dict[str, Source], pool: FilePool, *, max_
     names = shard_names(len(shards))
     files: dict[str, str] = {}
     kill_point("shard-0")
-    for n, (name, shard) in enumerate(zip(names, shards), start=1):
-        files[name] = write_file(tmp / name, {k: tensors[k] for k in shard}, pool, taps=taps, progress=progress)
-        if progress is not None and len(shards) > 1:
-            progress.shard_done(name, n, len(shards))
-        kill_point(f"shard-{n}")
+    # Two or more shards and CPUs: a shard's kernel copies run on a thread while the next is written.
+    copier = ShardCopier(min(COPY_THREADS, usable_cpus())) if len(shards) > 1 and usable_cpus() > 1 else None
+    try:
+        for n, (name, shard) in enumerate(zip(names, shards), start=1):
+            files[name], future = _write_file(tmp / name, {k: tensors[k] for k in shard}, pool, taps=taps,
+                                              progress=progress, copier=copier)
+            if copier is not None:
+                copier.shard(name, n, len(shards), future, progress)
+            elif progress is not None and len(shards) > 1:
+                progress.shard_done(name, n, len(shards))
+            kill_point(f"shard-{n}")
+        if copier is not None:
+            copier.finish(progress)
+    finally:
+        if copier is not None:
+            copier.close()
     if len(shards) > 1:
         text = json.dumps(index_record(names, shards, sum(nbytes(t) for t in tensors.values())), indent=2,
                           sort_keys=True) + "\n"
