@@ -7,8 +7,8 @@ bytes, and feeds the same bytes to the shard's sha256 (or with a PartsTap, its p
 io.digests) and to taps, so nothing is read back. Input files registered with `FilePool.expect`
 are verified by the same reads. Memory: one read chunk, plus whatever a caller keeps in memory.
 
-For tests of interrupted writes, FLEXMOE_TEST_KILL_AT=shard-K (after K shards; shard-0: before the
-first byte), meta (after flexmoe.json) or rename (just before the rename) makes the process kill
+For tests of interrupted writes, FLEXMOE_TEST_KILL_AT=shard-K (after K shards were written or
+handed to io.copier's thread; shard-0: before the first byte), meta (after flexmoe.json) or rename (just before the rename) makes the process kill
 itself with SIGKILL there.
 """
 
