@@ -3,8 +3,9 @@
 Most of a merge's output is copies of verified input spans (`copy_file_range`: no byte passes
 through Python, and none is hashed). One thread copies about 1 GB/s here; two threads copying two
 shard files side by side did 2.28 GB in 0.52-0.67 s against 0.88-1.10 s for one (2-core VM, four
-runs each). Two threads writing regions of one file gained nothing in an earlier measurement (the
-file's lock serialises them), so the unit of work is one shard's deferred copies.
+runs each). Two threads writing regions of one file gained nothing in an earlier session's
+measurement, on a disturbed machine (why was not measured; a per-file write lock would explain it),
+so the unit of work is one shard's deferred copies.
 
 The writer calls `shard` for every shard in order (with a future, or None when it wrote everything
 inline) and `finish` at the end; progress and the one-line-per-shard log stay in the writer's
